@@ -1,0 +1,70 @@
+"""A hand-built TransferModel small enough to check formulas by hand."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from transfer_cli.backbones.model import TransferModel
+
+
+class ToyModel(TransferModel):
+    """stem (conv + BN) -> block (conv + BN) -> pool -> head; image modality."""
+
+    def __init__(self, num_classes: int = 3, width: int = 4):
+        body = nn.Module()
+        body.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        body.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        super().__init__(
+            body=body,
+            head=nn.Linear(width, num_classes),
+            group_modules={"stem": [body.stem], "block": [body.block]},
+            block_names=["body.block"],
+            feature_dim=width,
+            modality="image",
+            preprocessing={"input_size": (3, 8, 8), "mean": (0.5,) * 3, "std": (0.5,) * 3,
+                           "interpolation": "bilinear", "crop_pct": 1.0},
+        )
+
+    def features(self, batch):
+        x = self.body.block(self.body.stem(batch["pixel_values"]))
+        return x.mean(dim=(2, 3))
+
+
+class ToyLoader:
+    """Random images with learnable labels; an epoch's order depends only on (seed, epoch)."""
+
+    def __init__(self, n: int = 24, batch_size: int = 8, seed: int = 0, shuffle: bool = True):
+        g = torch.Generator().manual_seed(1234)
+        self.images = torch.randn(n, 3, 8, 8, generator=g)
+        self.labels = (self.images[:, 0].mean(dim=(1, 2)) > 0).long()
+        self.batch_size, self.seed, self.shuffle, self.epoch = batch_size, seed, shuffle, 0
+        self.num_samples = n
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        for start in range(0, self.num_samples, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield {"pixel_values": self.images[idx], "labels": self.labels[idx]}
+
+
+def toy_config(**trainer):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "seed": 0,
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
+                  "head_lr_mult": 1.0, "layer_decay": 1.0},
+        "sched": {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0},
+        "trainer": {"max_epochs": 3, "device": "cpu", "precision": "auto", "channels_last": "auto", "compile": False,
+                    "grad_clip": None, "resume": False, "early_stopping_patience": None, "max_train_batches": None,
+                    "max_eval_batches": None, "progress": False, "log_every": 1, "num_threads": None, **trainer},
+    })

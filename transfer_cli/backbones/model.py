@@ -1,0 +1,172 @@
+"""TransferModel: a pretrained body plus a new head, seen as named layer groups.
+
+Every strategy works on group names (`stem`, `layer1`, ..., `head` for a ResNet; `embeddings`,
+`layer.0`, ..., `head` for BERT), never on the body's own module layout, so the same schedule or
+regulariser runs on timm CNNs, timm ViTs and Hugging Face encoders.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from transfer_cli.errors import TransferCliError
+
+Batch = Mapping[str, torch.Tensor]
+
+HEAD = "head"
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """A named, ordered slice of the model: the unit that is frozen, thawed or given its own rate."""
+
+    name: str
+    modules: tuple[nn.Module, ...]
+    parameter_names: tuple[str, ...]
+
+    def parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        params = dict(model.named_parameters())
+        return [params[n] for n in self.parameter_names]
+
+
+class TransferModel(nn.Module):
+    """Body + head with named groups, blocks and feature maps.
+
+    Subclasses (one per backbone family) implement `features` (body -> pooled features) and
+    `inputs` (which batch keys the body reads); the grouping is computed once by the builder and
+    passed in, so this class stays family-agnostic.
+
+    Args:
+        body: the pretrained network without its source classifier.
+        head: the new classifier for the target classes.
+        group_modules: ordered group name -> modules of the body in that group (input to output).
+        block_names: dotted names (relative to the model) of the routable residual/transformer blocks.
+        feature_dim: width of the pooled features the head reads.
+        modality: "image" or "text"; decides which preprocessor builds batches.
+        preprocessing: the backbone's own data config (image size, mean, std, interpolation, crop) or
+            {"tokenizer": ...} for text.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Module,
+        group_modules: Mapping[str, Sequence[nn.Module]],
+        block_names: Sequence[str],
+        feature_dim: int,
+        modality: str,
+        preprocessing: Mapping[str, Any],
+    ):
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.feature_dim = feature_dim
+        self.modality = modality
+        self.preprocessing = dict(preprocessing)
+        self._block_names = tuple(block_names)
+        self._frozen_bn: set[str] = set()
+        self._groups = self._index_groups({**group_modules, HEAD: [head]})
+
+    # ---- groups -----------------------------------------------------------------------------
+    def _index_groups(self, group_modules: Mapping[str, Sequence[nn.Module]]) -> dict[str, LayerGroup]:
+        module_to_name = {id(m): n for n, m in self.named_modules()}
+        param_owner: dict[str, str] = {}
+        groups = {}
+        for group_name, modules in group_modules.items():
+            names = []
+            for module in modules:
+                prefix = module_to_name[id(module)]
+                for pname, _ in module.named_parameters():
+                    full = f"{prefix}.{pname}" if prefix else pname
+                    if full in param_owner:
+                        raise ValueError(f"parameter {full} is in groups {param_owner[full]} and {group_name}")
+                    param_owner[full] = group_name
+                    names.append(full)
+            groups[group_name] = LayerGroup(group_name, tuple(modules), tuple(names))
+        orphans = [n for n, _ in self.named_parameters() if n not in param_owner]
+        if orphans:
+            raise ValueError(f"parameters outside every layer group: {orphans[:5]}")
+        return groups
+
+    def groups(self) -> list[LayerGroup]:
+        """The ordered layer groups, input to output; the last is always `head`."""
+        return list(self._groups.values())
+
+    def group_names(self) -> list[str]:
+        return list(self._groups)
+
+    def group(self, name: str) -> LayerGroup:
+        if name not in self._groups:
+            raise TransferCliError(f"unknown layer group {name!r}; this model has: {', '.join(self._groups)}")
+        return self._groups[name]
+
+    def body_group_names(self) -> list[str]:
+        return [n for n in self._groups if n != HEAD]
+
+    def set_trainable(self, name: str, trainable: bool, freeze_bn: bool = True) -> None:
+        """Freeze or thaw one group; a frozen group's BatchNorm statistics are frozen too unless told otherwise."""
+        group = self.group(name)
+        for p in group.parameters(self):
+            p.requires_grad_(trainable)
+        if trainable or not freeze_bn:
+            self._frozen_bn.discard(name)
+        else:
+            self._frozen_bn.add(name)
+        self.train(self.training)
+
+    def is_trainable(self, name: str) -> bool:
+        return any(p.requires_grad for p in self.group(name).parameters(self))
+
+    def trainable_group_names(self) -> list[str]:
+        return [n for n in self._groups if self.is_trainable(n)]
+
+    def train(self, mode: bool = True) -> "TransferModel":
+        super().train(mode)
+        if mode:
+            for name in self._frozen_bn:
+                for module in self._groups[name].modules:
+                    for m in module.modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
+        return self
+
+    # ---- blocks and feature maps -------------------------------------------------------------
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The routable residual / transformer blocks, input to output, by dotted name."""
+        return [(n, self.get_submodule(n)) for n in self._block_names]
+
+    def replace_block(self, name: str, new: nn.Module) -> None:
+        """Swap a block for a wrapper (SpotTune, AdaFilter); group membership follows by identity."""
+        parent_name, _, child = name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        setattr(parent, child, new)
+
+    def feature_maps(self, batch: Batch, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Run the model and return the output of each named group (its last module), by hook."""
+        outputs: dict[str, torch.Tensor] = {}
+        handles = [self._capture(n, outputs) for n in names]
+        try:
+            self(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return outputs
+
+    def _capture(self, name: str, store: dict) -> Any:
+        module = self.group(name).modules[-1]
+
+        def hook(_module, _inputs, output):
+            store[name] = output[0] if isinstance(output, tuple) else output
+
+        return module.register_forward_hook(hook)
+
+    # ---- forward -----------------------------------------------------------------------------
+    def features(self, batch: Batch) -> torch.Tensor:
+        """Pooled penultimate features (what the head reads)."""
+        raise NotImplementedError
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.head(self.features(batch))

@@ -1,0 +1,44 @@
+"""Work on a finished run's folder: re-evaluate its best checkpoint, or export its trained body."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from transfer_cli.backbones.export import export_body
+from transfer_cli.engine.checkpoint import Checkpoints
+from transfer_cli.engine.device import resolve_device, resolve_precision
+from transfer_cli.engine.evaluate import evaluate
+from transfer_cli.engine.run import Assembled, assemble
+from transfer_cli.errors import TransferCliError
+from transfer_cli.io import write_json
+
+
+def _restore(cfg: DictConfig, run_dir: Path) -> tuple[Assembled, int, Any]:
+    checkpoints = Checkpoints(run_dir)
+    if not checkpoints.best.exists():
+        raise TransferCliError(f"{run_dir} has no checkpoints/best.pt; did the run finish an epoch?")
+    run = assemble(cfg)
+    device = resolve_device(str(cfg.trainer.device))
+    run.model.to(device)
+    run.strategy.setup(run.model, run.loaders["train"], device)  # structure the saved weights assume
+    epoch = checkpoints.load_best_into(run.model)
+    return run, epoch, device
+
+
+def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Evaluate the run's selected weights on its test split; write eval.json beside results.json."""
+    run, epoch, device = _restore(cfg, run_dir)
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision)
+    result = {"test": test, "epoch": epoch}
+    write_json(Path(run_dir) / "eval.json", result)
+    return result
+
+
+def export_run(cfg: DictConfig, run_dir: Path, out: Path) -> None:
+    """Save the run's trained body, with its preprocessing, as a backbone for `backbone.weights=`."""
+    run, epoch, _ = _restore(cfg, run_dir)
+    export_body(run.model.cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
+                                       "source_classes": ",".join(run.data.class_names)})

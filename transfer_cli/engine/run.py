@@ -1,0 +1,55 @@
+"""One run, assembled from its config: data -> model -> strategy -> loaders -> loop -> results."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from transfer_cli.backbones import build_backbone
+from transfer_cli.backbones.model import TransferModel
+from transfer_cli.data import build_data, make_loader
+from transfer_cli.data.splits import DataBundle
+from transfer_cli.engine.loop import Trainer
+from transfer_cli.engine.seeding import seed_everything
+from transfer_cli.io import write_json
+from transfer_cli.reporting.results import build_results
+from transfer_cli.strategies import build_strategy
+from transfer_cli.strategies.base import Strategy
+
+
+@dataclass
+class Assembled:
+    data: DataBundle
+    model: TransferModel
+    strategy: Strategy
+    loaders: dict[str, Any]
+
+
+def assemble(cfg: DictConfig) -> Assembled:
+    """Build everything a run needs, seeded, in an order that keeps model init independent of data code."""
+    seed_everything(int(cfg.seed))
+    data = build_data(cfg.data, seed=int(cfg.seed))
+    strategy = build_strategy(cfg)
+    seed_everything(int(cfg.seed))
+    model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
+    common = dict(seed=int(cfg.seed), num_workers=int(cfg.data.num_workers),
+                  augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)))
+    loaders = {
+        "train": make_loader(data.train, model, int(cfg.trainer.batch_size), train=True, **common),
+        "val": make_loader(data.val, model, int(cfg.trainer.eval_batch_size), train=False, **common),
+        "test": make_loader(data.test, model, int(cfg.trainer.eval_batch_size), train=False, **common),
+    }
+    return Assembled(data, model, strategy, loaders)
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train, select the best epoch on validation, test it, and write results.json."""
+    run = assemble(cfg)
+    trainer = Trainer(run.model, run.strategy, run.loaders["train"], run.loaders["val"], run.loaders["test"],
+                      cfg, run_dir)
+    fit = trainer.fit()
+    results = build_results(cfg, fit, run.model, run.data.num_classes)
+    write_json(Path(run_dir) / "results.json", results)
+    return results

@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a person can fix (bad config, bad data, diverged training).
+
+The CLI prints its message as a single line and exits non-zero; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class TransferCliError(Exception):
+    """A configuration or input problem, with a message that says what is wrong and how to fix it."""

@@ -1,0 +1,48 @@
+"""results.json: the one summary of a finished run that tables and sweeps are built from."""
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import timm
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+
+import transfer_cli
+from transfer_cli.engine.loop import FitResult
+
+
+def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_classes: int) -> dict[str, Any]:
+    state = fit.state
+    return {
+        "config": {
+            "strategy": cfg.strategy.name,
+            "backbone": cfg.backbone.name,
+            "data": cfg.data.name,
+            "seed": cfg.seed,
+            "samples_per_class": cfg.data.get("samples_per_class"),
+            "num_classes": num_classes,
+        },
+        "full_config": OmegaConf.to_container(cfg, resolve=True),
+        "test": fit.test,
+        "val": {"acc1": state.best_val_acc1, "loss": state.best_val_loss},
+        "best_epoch": state.best_epoch,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "params": {
+            "total": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        },
+        "train_time_s": state.train_time_s,
+        "samples_per_s": state.train_samples / state.train_time_s if state.train_time_s > 0 else 0.0,
+        "device": fit.device,
+        "precision": fit.precision,
+        "versions": {
+            "transfer_cli": transfer_cli.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }

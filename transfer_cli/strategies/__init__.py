@@ -1,0 +1,10 @@
+"""Transfer strategies, one module each, registered by their config name."""
+from omegaconf import DictConfig
+
+from transfer_cli.strategies import finetune, freeze, scratch  # noqa: F401  (registration)
+from transfer_cli.strategies.base import STRATEGIES, Strategy
+
+
+def build_strategy(cfg: DictConfig) -> Strategy:
+    """The strategy named by `cfg.strategy.name`, with its own config node and the optimizer's."""
+    return STRATEGIES.get(cfg.strategy.name)(cfg.strategy, cfg.optim)

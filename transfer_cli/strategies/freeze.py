@@ -1,0 +1,44 @@
+"""Freezing: a linear probe (`groups: all`) or the bottom k layer groups frozen.
+
+Frozen means requires_grad=False, absent from the optimizer (so no momentum or weight-decay drift),
+and by default BatchNorm running statistics frozen too (`bn: freeze`), so frozen groups are
+bit-identical after training.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import ListConfig
+
+from transfer_cli.backbones.model import TransferModel
+from transfer_cli.errors import TransferCliError
+from transfer_cli.strategies.base import STRATEGIES, Strategy
+
+
+def frozen_group_names(model: TransferModel, spec: Any) -> list[str]:
+    """Resolve `groups`: "all" (the whole body), an int k (the bottom k groups) or a list of names."""
+    body = model.body_group_names()
+    if spec == "all":
+        return body
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 0 <= spec <= len(body):
+            raise TransferCliError(f"strategy.groups={spec}: this model has {len(body)} body groups; use 0..{len(body)}")
+        return body[:spec]
+    if isinstance(spec, (list, tuple, ListConfig)):
+        for name in spec:
+            model.group(str(name))  # raises with the valid names
+        return [str(n) for n in spec]
+    raise TransferCliError(f"strategy.groups={spec!r}; use all, a number k (bottom k groups) or a list of group names")
+
+
+@STRATEGIES.register("freeze")
+class Freeze(Strategy):
+    """Freeze the body (linear probe) or its bottom k groups and train the rest."""
+
+    def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
+        bn = str(self.cfg.bn)
+        if bn not in ("freeze", "train"):
+            raise TransferCliError(f"strategy.bn={bn!r}; use freeze (running statistics fixed) or train")
+        for name in frozen_group_names(model, self.cfg.groups):
+            model.set_trainable(name, False, freeze_bn=bn == "freeze")
