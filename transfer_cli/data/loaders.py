@@ -1,0 +1,325 @@
+"""Batches for the training loop, built from raw splits with the backbone's own preprocessing.
+
+In-memory splits (image arrays, tokenised text) are served by slicing tensors with whole-batch
+tensor ops, with no per-example Python; image files go through a torch DataLoader with timm's
+transforms. Either way a training epoch's order is a pure function of (seed, epoch), so a resumed
+run sees exactly the batches the interrupted one would have.
+"""
+from __future__ import annotations
+
+import math
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from transfer_cli.data.common import first_line
+from transfer_cli.data.splits import ImageArraySplit, ImageFileSplit, Split, TextSplit
+from transfer_cli.errors import TransferCliError
+
+Batch = dict[str, torch.Tensor]
+
+#: resized splits up to this size are resized once at construction instead of per batch
+PRERESIZE_BYTES = 200 * 2**20
+
+# timm / PIL interpolation names -> torch.nn.functional.interpolate modes
+_MODES = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic", "area": "area",
+          "box": "area", "lanczos": "bicubic", "hamming": "bilinear"}
+
+
+def make_loader(
+    split: Split,
+    model: Any,
+    batch_size: int,
+    *,
+    train: bool,
+    seed: int,
+    num_workers: int = 0,
+    augment: bool = False,
+    max_length: int = 128,
+) -> "BatchLoader":
+    """The loader for one split, preprocessed for `model` (anything with .modality and .preprocessing).
+
+    `train` shuffles (per epoch, see BatchLoader.set_epoch) and, for image files with `augment`,
+    applies timm's training augmentation; in-memory image arrays are never augmented.
+    `num_workers` only matters for image files.
+    """
+    expected = "text" if isinstance(split, TextSplit) else "image"
+    if model.modality != expected:
+        raise TransferCliError(
+            f"the data holds {expected}s but the backbone is a {model.modality} model; "
+            "pick a matching data= or backbone="
+        )
+    if batch_size < 1:
+        raise TransferCliError(f"batch size {batch_size} must be at least 1")
+    prep = model.preprocessing
+    if isinstance(split, ImageFileSplit):
+        return FileLoader(split, prep, batch_size, shuffle=train, augment=train and augment, seed=seed,
+                          num_workers=num_workers)
+    if isinstance(split, ImageArraySplit):
+        make_batch: Callable[[torch.Tensor], Batch] = _ImageArrayBatches(split, prep)
+    else:
+        make_batch = _TextBatches(split, prep["tokenizer"], max_length)
+    return TensorLoader(split.labels, make_batch, batch_size, shuffle=train, seed=seed)
+
+
+@dataclass
+class EpochOrder:
+    """The order a loader visits its examples: shuffled per (seed, epoch) when training, else as stored."""
+
+    num_samples: int
+    shuffle: bool
+    seed: int
+    epoch: int = 0
+
+    def generator(self) -> torch.Generator:
+        # SeedSequence mixes (seed, epoch) well: nearby seeds and epochs give unrelated streams
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def indices(self, generator: torch.Generator) -> torch.Tensor:
+        if self.shuffle:
+            return torch.randperm(self.num_samples, generator=generator)
+        return torch.arange(self.num_samples)
+
+
+class BatchLoader:
+    """Iterable of dict batches with a length; a shuffling loader's order depends on (seed, epoch) only."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, seed: int):
+        self.batch_size = batch_size
+        self.order = EpochOrder(num_samples, shuffle, seed)
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration follows."""
+        self.order.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class TensorLoader(BatchLoader):
+    """Serves slices of an in-memory split: `make_batch(index)` builds a whole batch at once."""
+
+    def __init__(
+        self,
+        labels: torch.Tensor,
+        make_batch: Callable[[torch.Tensor], Batch],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+    ):
+        super().__init__(len(labels), batch_size, shuffle=shuffle, seed=seed)
+        self.labels = labels.long()
+        self.make_batch = make_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = self.order.indices(self.order.generator())
+        for start in range(0, self.num_samples, self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield {**self.make_batch(index), "labels": self.labels[index]}
+
+
+class _ImageArrayBatches:
+    """uint8 N x C x H x W images -> normalised float batches of the backbone's input size."""
+
+    def __init__(self, split: ImageArraySplit, prep: dict):
+        self.channels, height, width = (int(d) for d in prep["input_size"])
+        self.size = (height, width)
+        self.mode = _MODES.get(str(prep.get("interpolation", "bilinear")), "bilinear")
+        n, c = split.images.shape[:2]
+        if c != self.channels and (c, self.channels) not in ((1, 3), (3, 1)):
+            raise TransferCliError(
+                f"images have {c} channels but the backbone takes {self.channels}; use a matching backbone"
+            )
+        mean = torch.tensor(prep["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(prep["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        self.images = split.images
+        if n and split.images.shape[-2:] != self.size and n * c * height * width <= PRERESIZE_BYTES:
+            self.images = torch.cat([self._resize(chunk) for chunk in split.images.split(1024)])
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize uint8 images, rounding back to uint8 so per-batch and up-front resizing agree exactly."""
+        if images.shape[-2:] == self.size:
+            return images
+        antialias = self.mode in ("bilinear", "bicubic")  # the modes that take it; it matters when shrinking
+        out = F.interpolate(images.float(), size=self.size, mode=self.mode, antialias=antialias)
+        return out.round_().clamp_(0, 255).to(torch.uint8)
+
+    def __call__(self, index: torch.Tensor) -> Batch:
+        images = self._resize(self.images[index]).float()
+        if images.shape[1] == 1 and self.channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        elif images.shape[1] == 3 and self.channels == 1:
+            luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as PIL's convert("L")
+            images = (images * luma).sum(1, keepdim=True)
+        return {"pixel_values": images * self.scale + self.shift}
+
+
+class _TextBatches:
+    """Texts tokenised once up front; each batch is trimmed to its longest sequence."""
+
+    def __init__(self, split: TextSplit, tokenizer: Any, max_length: int):
+        # an empty split still gets its columns (of zero rows): tokenizers reject an empty list
+        encoded = tokenizer(list(split.texts) or [""], padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="pt")
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded]
+        self.columns = {k: encoded[k][:len(split.texts)] for k in keys}
+        self.lengths = self.columns["attention_mask"].sum(1)
+        self.left_padded = getattr(tokenizer, "padding_side", "right") == "left"
+
+    def __call__(self, index: torch.Tensor) -> Batch:
+        longest = int(self.lengths[index].max())
+        cut = slice(-longest, None) if self.left_padded else slice(0, longest)
+        return {k: v[index][:, cut] for k, v in self.columns.items()}
+
+
+class FileLoader(BatchLoader):
+    """Image files decoded by a torch DataLoader with timm's transforms for the backbone."""
+
+    def __init__(
+        self,
+        split: ImageFileSplit,
+        prep: dict,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        augment: bool,
+        seed: int,
+        num_workers: int,
+    ):
+        super().__init__(len(split.paths), batch_size, shuffle=shuffle, seed=seed)
+        from timm.data import create_transform  # slow to import, and only image files need it
+
+        transform = create_transform(
+            input_size=tuple(prep["input_size"]),
+            is_training=augment,
+            interpolation=prep.get("interpolation", "bilinear"),
+            mean=tuple(prep["mean"]),
+            std=tuple(prep["std"]),
+            crop_pct=prep.get("crop_pct"),
+            crop_mode=prep.get("crop_mode"),
+        )
+        files = _ImageFiles(split, transform, "L" if int(prep["input_size"][0]) == 1 else "RGB")
+        sampler = _PlanSampler(self.order, augment)
+        # Worker processes shut down promptly only when their DataLoader is freed by reference
+        # counting; left to the garbage collector (a reference cycle, a traceback holding it) each
+        # shutdown stalls for seconds. So nothing here refers back to self: the sampler shares
+        # only the EpochOrder.
+        self._new_dataloader = lambda: torch.utils.data.DataLoader(
+            files,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+            collate_fn=_collate,
+        )
+        self.loader = self._new_dataloader()
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            if isinstance(batch, _Unreadable):
+                break
+            yield batch
+        else:
+            return
+        self.loader = self._new_dataloader()  # frees the old workers now, not when the error is collected
+        raise TransferCliError(
+            f"cannot read image {batch.path} ({batch.reason}); fix or remove the file"
+        )
+
+
+class _PlanSampler(torch.utils.data.Sampler):
+    """Yields this epoch's (index, augmentation seed) pairs, both following from (seed, epoch) alone."""
+
+    def __init__(self, order: EpochOrder, augment: bool):
+        self.order = order
+        self.augment = augment
+
+    def __iter__(self) -> Iterator[tuple[int, Optional[int]]]:
+        generator = self.order.generator()
+        indices = self.order.indices(generator).tolist()
+        if not self.augment:
+            return iter([(i, None) for i in indices])
+        seeds = torch.randint(0, 2**62, (len(indices),), generator=generator).tolist()
+        return iter(zip(indices, seeds))
+
+    def __len__(self) -> int:
+        return self.order.num_samples
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """Stands in for a sample or batch whose image failed to decode.
+
+    It travels back from worker processes as data, so the main process raises one clean
+    TransferCliError instead of a worker traceback.
+    """
+
+    path: str
+    reason: str
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, split: ImageFileSplit, transform: Callable, mode: str):
+        self.paths = split.paths
+        self.labels = split.labels.tolist()
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, Optional[int]]) -> Any:
+        index, seed = item
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return _Unreadable(str(path), first_line(e))
+        with _seeded(seed):
+            return self.transform(image), self.labels[index]
+
+
+@contextmanager
+def _seeded(seed: Optional[int]) -> Iterator[None]:
+    """Seed the global RNGs that transforms draw from, restoring them afterwards.
+
+    Seeding per example makes augmentation independent of worker count and of which worker
+    runs the example, so it too is a pure function of (seed, epoch).
+    """
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def _collate(items: list) -> Any:
+    bad = next((item for item in items if isinstance(item, _Unreadable)), None)
+    if bad is not None:
+        return bad
+    images, labels = zip(*items)
+    return {"pixel_values": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
