@@ -76,7 +76,7 @@ def train_command(args: list[str]) -> None:
     _train_app()
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _train_app(cfg: DictConfig) -> float:
     from transfer_cli.engine.run import run_training
 

@@ -31,7 +31,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Evaluate the run's selected weights on its test split; write eval.json beside results.json."""
     run, epoch, device = _restore(cfg, run_dir)
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision)
+    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cfg.trainer.max_eval_batches)
     result = {"test": test, "epoch": epoch}
     write_json(Path(run_dir) / "eval.json", result)
     return result

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import timm
 import torch
-import transformers
 from omegaconf import DictConfig, OmegaConf
 
 import transfer_cli
@@ -38,11 +37,14 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
         "samples_per_s": state.train_samples / state.train_time_s if state.train_time_s > 0 else 0.0,
         "device": fit.device,
         "precision": fit.precision,
-        "versions": {
-            "transfer_cli": transfer_cli.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": {"python": platform.python_version(), "transfer_cli": transfer_cli.__version__,
+                     **{name: _version(name) for name in ("torch", "timm", "transformers")}},
     }
+
+
+def _version(package: str) -> str:
+    """Installed version, read without importing the package (transformers alone takes seconds)."""
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
