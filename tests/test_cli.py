@@ -105,6 +105,8 @@ def test_list_prints_every_strategy_with_a_summary(capsys):
     (["train", "data=nope"], "unknown data 'nope'"),
     (["train", "trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch' (did you mean trainer.max_epochs?)"),
     (["train", "-m", "strategy=finetune,sorcery"], "unknown strategy 'sorcery'"),
+    (["train", "trainer.max_epochs=ten"], "trainer.max_epochs='ten' must be a number (default 30)"),
+    (["train", "data.augment=maybe"], "data.augment='maybe' must be true or false"),
     (["list", "gadgets"], "usage: transfer-cli list strategies|backbones|datasets"),
     (["fly"], "unknown command 'fly'"),
 ])

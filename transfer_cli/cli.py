@@ -127,11 +127,30 @@ def check_overrides(overrides: Sequence[str]) -> None:
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     firsts = {o.input_line: f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps}
-    compose_config(base + list(firsts.values()))
+    check_value_types(compose_config(base + list(firsts.values())), compose_config([]))
     for sweep in sweeps:
         others = [v for k, v in firsts.items() if k != sweep.input_line]
         for value in list(sweep.sweep_string_iterator())[1:]:
             compose_config(base + others + [f"{sweep.get_key_element()}={value}"])
+
+
+def check_value_types(cfg: DictConfig, defaults: DictConfig) -> None:
+    """A value whose default is a number or a boolean must stay one (YAML configs carry no schema)."""
+    _check_types(OmegaConf.to_container(cfg, resolve=False), OmegaConf.to_container(defaults, resolve=False), "")
+
+
+def _check_types(values: dict, defaults: dict, prefix: str) -> None:
+    for key, default in defaults.items():
+        if key not in values or values[key] is None or default is None:
+            continue
+        value, path = values[key], f"{prefix}{key}"
+        if isinstance(default, dict) and isinstance(value, dict):
+            _check_types(value, default, f"{path}.")
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise TransferCliError(f"{path}={value!r} must be true or false")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TransferCliError(f"{path}={value!r} must be a number (default {default})")
 
 
 def _explain_missing(err: MissingConfigException) -> str:
