@@ -15,6 +15,7 @@ from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
 from transfer_cli.strategies import build_strategy
+from transfer_cli.strategies.routing import plan_sites
 from tests.test_loop import CrashingLoader
 from tests.test_schedules import bert, resnet
 from tests.toy import ToyLoader, ToyModel, toy_config
@@ -93,15 +94,18 @@ def test_forced_fine_tuned_training_is_plain_fine_tuning(name, tmp_path):
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_frozen_copies_stay_bit_identical_and_the_decision_network_learns(name, kind, tmp_path, tiny_bert):
     model, loader = backbone(kind, tiny_bert)
-    blocks = [copy.deepcopy(block.state_dict()) for _, block in model.blocks()]
+    pretrained = copy.deepcopy(model)
     trainer = make_trainer(tmp_path, model, loader, name, max_epochs=1)
     trainer.prepare()
     decider = trainer.strategy.routing.decider
     start = {n: p.detach().clone() for n, p in decider.named_parameters() if p.requires_grad}
     trainer.fit()  # prepares again: a second setup keeps the routing it built
     decider = trainer.strategy.routing.decider
-    for saved, frozen in zip(blocks, trainer.strategy.routing.frozen):
-        assert all(torch.equal(saved[k], v) for k, v in frozen.state_dict().items())
+    routing = trainer.strategy.routing
+    for site, frozen in zip(routing.sites, routing.frozen):
+        for module_name, copied in zip(site.modules, frozen):
+            saved = pretrained.get_submodule(module_name).state_dict()
+            assert all(torch.equal(saved[k], v) for k, v in copied.state_dict().items())
     assert any(not torch.equal(start[n], p) for n, p in decider.named_parameters() if n in start)
 
     model.train()
@@ -175,3 +179,53 @@ def test_cli_adafilter_with_minilm(tmp_path):
           f"hydra.run.dir={tmp_path}", "strategy=adafilter"])
     assert json.loads((tmp_path / "results.json").read_text())["config"]["strategy"] == "adafilter"
     assert "finetuned/body.encoder.layer.5" in read_jsonl(tmp_path / "metrics.jsonl")[-1]
+
+
+def test_adafilter_routes_every_convolution_of_a_cnn_block_with_its_own_batchnorm(tiny_bert):
+    model, _ = resnet()
+    sites = plan_sites(model, per_filter=True)
+    convs = [f"{b}.{n}" for b, block in model.blocks() for n, m in block.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sorted(site.modules[0] for site in sites) == sorted(convs)
+    for site in sites:  # each convolution's output is normalised by the BatchNorm right after it
+        conv, norm = (model.get_submodule(n) for n in site.modules)
+        assert isinstance(norm, torch.nn.BatchNorm2d) and norm.num_features == conv.out_channels == site.out_channels
+    text, _ = bert(tiny_bert)  # no convolutions: the unit is a hidden dimension of each layer's output
+    assert [site.modules for site in plan_sites(text, per_filter=True)] == [(name,) for name, _ in text.blocks()]
+
+
+def test_adafilter_mixes_each_filter_after_its_own_batchnorm(tmp_path):
+    torch.manual_seed(0)
+    model = ToyModel()
+    pretrained = copy.deepcopy(model).eval()
+    trainer = make_trainer(tmp_path, model, ToyLoader(), "adafilter", max_epochs=2)
+    trainer.fit()
+    conv, norm = model.body.block[0], model.body.block[1]
+    assert not torch.equal(norm.running_mean, pretrained.body.block[1].running_mean)  # the tuned path's own statistics
+
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])  # filters 0 and 2 fine-tuned, 1 and 3 pretrained
+    trainer.strategy.routing.decider.gate = lambda index, site_input: mask.expand(len(site_input), -1)
+    batch = next(iter(ToyLoader()))
+    model.eval()
+    with torch.no_grad():
+        routed = model.features(batch)
+        stem = model.body.stem(batch["pixel_values"])
+        tuned = F.batch_norm(F.conv2d(stem, conv.weight, conv.bias, padding=1), norm.running_mean, norm.running_var,
+                             norm.weight, norm.bias, eps=norm.eps)
+        frozen = pretrained.body.block[1](pretrained.body.block[0](stem))
+        m = mask[None, :, None, None]
+        expected = F.relu(m * tuned + (1 - m) * frozen).mean(dim=(2, 3))
+    torch.testing.assert_close(routed, expected)
+
+
+def test_spottune_policy_sees_the_image_at_the_first_block_resolution(tmp_path):
+    model, loader = resnet()  # 32-px images; timm's ResNet stem reduces 4x before the first block
+    trainer = make_trainer(tmp_path / "auto", model, loader, "spottune")
+    trainer.prepare()
+    assert trainer.strategy.routing.decider.net.downsample == 4
+    model, loader = resnet()
+    trainer = make_trainer(tmp_path / "full", model, loader, "spottune", policy_downsample=1)
+    trainer.prepare()
+    assert trainer.strategy.routing.decider.net.downsample == 1
+    model, loader = resnet()
+    with pytest.raises(TransferCliError, match="policy_downsample"):
+        make_trainer(tmp_path / "bad", model, loader, "spottune", policy_downsample=0).prepare()

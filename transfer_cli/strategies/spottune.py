@@ -10,7 +10,13 @@ What the official code (github.com/gyhui14/spottune) does, and what we follow:
 - policy network (`agent_net.resnet`): a ResNet with one basic block per stage, widths 32 (stem),
   64, 128, 256, stride 2 per stage, parameter-free shortcuts (average pool, zero-padded channels),
   BN + ReLU, global pool and a linear layer to 2 logits per block; it sees the same image as the
-  network. We build the same shape, its stem width from `policy_width`. Text has no image: there the
+  network. We build the same shape, its stem width from `policy_width`. The official networks (ResNet-26
+  on 64-px Visual Decathlon images) have no downsampling before their first block, so there the agent
+  runs at the resolution of the network's first block and costs a fraction of the network. An ImageNet
+  ResNet's stem reduces 4x before its first block; an agent on the full image would then cost as much
+  as the whole network (resnet18 at 64 px: about 170 vs 150 MFLOPs per image). So the agent sees the
+  image average-pooled to the resolution of the first block (`policy_downsample: auto`; 1 = full image),
+  which keeps the official ratio of agent to network. Text has no image: there the
   policy is the frozen pretrained word embeddings, mean-pooled over real tokens, then an MLP.
 - Gumbel-softmax temperature: 5 (`gumbel_softmax.py`'s default; main.py passes none). The official
   test loop also samples Gumbel noise; we take the argmax instead, as the paper's test-time routing
@@ -35,7 +41,7 @@ from torch import nn
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.routing import Decider, RoutedStrategy, pooled
+from transfer_cli.strategies.routing import Decider, RoutedStrategy, Site, pooled
 
 
 class _PolicyBlock(nn.Module):
@@ -54,18 +60,23 @@ class _PolicyBlock(nn.Module):
 
 
 class ImagePolicy(nn.Module):
-    """The official agent's shape: stem, three one-block stages (2w, 4w, 8w), pool, linear."""
+    """The official agent's shape: stem, three one-block stages (2w, 4w, 8w), pool, linear; on the image
+    average-pooled by `downsample`."""
 
-    def __init__(self, in_chans: int, width: int, outputs: int):
+    def __init__(self, image_shape: tuple[int, ...], width: int, outputs: int, downsample: int):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.downsample = downsample
+        self.stem = nn.Sequential(nn.Conv2d(image_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.stages = nn.Sequential(_PolicyBlock(width, 2 * width), _PolicyBlock(2 * width, 4 * width),
                                     _PolicyBlock(4 * width, 8 * width))
         self.norm = nn.Sequential(nn.BatchNorm2d(8 * width), nn.ReLU())
         self.fc = nn.Linear(8 * width, outputs)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        x = self.norm(self.stages(F.relu(self.stem(batch["pixel_values"]))))
+        x = batch["pixel_values"]
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample, ceil_mode=True)
+        x = self.norm(self.stages(F.relu(self.stem(x))))
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -96,7 +107,7 @@ class Policy(Decider):
         else:
             self.decisions = (logits[..., 1] > logits[..., 0]).float()
 
-    def gate(self, index: int, block_input: torch.Tensor) -> torch.Tensor:
+    def gate(self, index: int, site_input: torch.Tensor) -> torch.Tensor:
         return self.decisions[:, index]
 
 
@@ -109,15 +120,25 @@ class SpotTune(RoutedStrategy):
         if float(cfg.temperature) <= 0:
             raise TransferCliError(f"strategy.temperature={cfg.temperature} must be positive")
 
-    def decider(self, model: TransferModel, shapes: list[tuple[int, int]]) -> Decider:
-        blocks, width = len(shapes), int(self.cfg.policy_width)
+    def decider(self, model: TransferModel, sites: list[Site]) -> Decider:
+        blocks, width = len(sites), int(self.cfg.policy_width)
         if self.cfg.budget_k is not None and not 0 <= float(self.cfg.budget_k) <= blocks:
             raise TransferCliError(f"strategy.budget_k={self.cfg.budget_k} must be between 0 and {blocks} (the blocks)")
         if model.modality == "image":
-            net = ImagePolicy(model.preprocessing["input_size"][0], width, 2 * blocks)
+            net = ImagePolicy(model.preprocessing["input_size"], width, 2 * blocks,
+                              self.policy_downsample(model.preprocessing["input_size"], sites[0]))
         else:
             net = TextPolicy(model.body.get_input_embeddings(), width, 2 * blocks)
         return Policy(net, blocks, float(self.cfg.temperature))
+
+    def policy_downsample(self, image_shape: tuple[int, ...], first: Site) -> int:
+        """How much the policy pools the image: `auto` = down to the first block's input resolution."""
+        setting = self.cfg.policy_downsample
+        if str(setting) == "auto":
+            return max(1, image_shape[-1] // first.input_shape[-1]) if len(first.input_shape) == 3 else 1
+        if not (isinstance(setting, int) and setting >= 1):
+            raise TransferCliError(f"strategy.policy_downsample={setting} must be auto or a positive integer")
+        return setting
 
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cfg.budget_k is None or self.routing.force is not None:
