@@ -1,5 +1,6 @@
 """The report's plots: the metric per strategy (bars), the metric against labelled samples per class
-(lines, when that varies) and the validation curves of every run.
+(lines, when that varies), the validation curves of every run and, for the routing strategies
+(SpotTune, AdaFilter), the share of the fine-tuned path per block.
 
 Each function returns a matplotlib `Figure` (object API, rendered by Agg when saved), so tests can
 count its bars and lines and no pyplot state or GUI backend is touched.
@@ -7,7 +8,8 @@ count its bars and lines and no pyplot state or GUI backend is touched.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+import re
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -19,6 +21,7 @@ from transfer_cli.reporting.report import (SAMPLES_KEY, STRATEGY_KEY, Group, Run
                                            sort_key)
 
 CURVE_KEY = "val_acc1"
+ROUTING_PREFIX = "finetuned/"  # metrics.jsonl keys of transfer_cli.strategies.routing.Routing.fractions
 
 
 def report_figures(runs: Sequence[Run], table: Sequence[Group], keys: Sequence[str],
@@ -31,6 +34,9 @@ def report_figures(runs: Sequence[Run], table: Sequence[Group], keys: Sequence[s
     curves = learning_curves(runs, keys)
     if curves is not None:
         figures["curves"] = curves
+    routing = routing_chart(runs, keys)
+    if routing is not None:
+        figures["routing"] = routing
     return figures
 
 
@@ -114,7 +120,8 @@ def learning_curves(runs: Sequence[Run], keys: Sequence[str]) -> Optional[Figure
             members = [r for r in done if _config(r, panel_keys) == panel
                        and _config(r, colour_keys) == value]
             if members:
-                _plot_curves(ax, members, _colour(i, len(colour_values)), _label([], value) if colour_key else "mean")
+                _plot_curves(ax, members, _colour(i, len(colour_values)), _label([], value) if colour_key else "mean",
+                             lambda rec: 100.0 * rec[CURVE_KEY] if CURVE_KEY in rec else None)
         ax.set_title(_label(panel_keys, panel) if panel_keys else "all runs", fontsize="medium")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -127,13 +134,78 @@ def learning_curves(runs: Sequence[Run], keys: Sequence[str]) -> Optional[Figure
     return fig
 
 
-def _plot_curves(ax: Axes, runs: Sequence[Run], colour: Any, label: str) -> None:
+def routing_chart(runs: Sequence[Run], keys: Sequence[str]) -> Optional[Figure]:
+    """Left: per block (network order), the fraction of examples / units that took the fine-tuned path
+    at each run's best epoch, mean ± std over the seeds of each table group. Right: that fraction
+    averaged over blocks, per epoch. None when no finished run logged `finetuned/<block>`."""
+    done = [(r, record) for r in runs if r.status == "done" and (record := routing_record(r))]
+    if not done:
+        return None
+    groups = _unique(_config(r, keys) for r, _ in done)
+    blocks = sorted({k for _, record in done for k in record}, key=_network_order)
+    width = max(6.0, 0.35 * len(blocks) + 2.5)
+    fig = Figure(figsize=(width + 5.0, 4.5), layout="constrained")
+    by_block, by_epoch = fig.subplots(1, 2, width_ratios=[width, 5.0])
+    for i, group in enumerate(groups):
+        members = [r for r, _ in done if _config(r, keys) == group]
+        at_best = [record for r, record in done if _config(r, keys) == group]
+        label = _label([], group) if keys else "all runs"
+        colour = _colour(i, len(groups))
+        present = [b for b in blocks if any(b in rec for rec in at_best)]
+        values = [[rec[b] for rec in at_best if b in rec] for b in present]
+        dodge = 0.15 * (i / (len(groups) - 1) - 0.5) if len(groups) > 1 else 0.0  # error bars side by side
+        by_block.errorbar([blocks.index(b) + dodge for b in present], [float(np.mean(v)) for v in values],
+                          yerr=[float(np.std(v, ddof=1)) if len(v) > 1 else math.nan for v in values],
+                          color=colour, marker="o", capsize=3, label=label)
+        _plot_curves(by_epoch, members, colour, label, _mean_routing)
+    by_block.set_xticks(range(len(blocks)), [b.removeprefix(ROUTING_PREFIX) for b in blocks],
+                        rotation=45, ha="right")
+    by_block.set_xlabel("block (network order)")
+    by_block.set_title("at the best epoch (mean ± std over seeds)", fontsize="medium")
+    by_epoch.set_xlabel("epoch")
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_epoch.set_title("mean over blocks, per epoch (thin: each run)", fontsize="medium")
+    for ax in (by_block, by_epoch):
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel("fraction on the fine-tuned path")
+        ax.grid(alpha=0.3)
+    by_block.legend(title=", ".join(_name(k) for k in keys) or None, fontsize="small")
+    fig.suptitle("Routing: share of examples (SpotTune) / units (AdaFilter) on the fine-tuned path")
+    return fig
+
+
+def routing_record(run: Run) -> dict[str, float]:
+    """The run's `finetuned/<block>` values at its best epoch (results.json), else at its last logged
+    epoch with routing values; empty when it has none."""
+    logged = [rec for rec in run.curve if any(k.startswith(ROUTING_PREFIX) for k in rec)]
+    if not logged:
+        return {}
+    best = (run.results or {}).get("best_epoch")
+    record = next((rec for rec in reversed(logged) if rec["epoch"] == best), logged[-1])
+    return {k: v for k, v in record.items() if k.startswith(ROUTING_PREFIX)}
+
+
+def _network_order(block: str) -> tuple:
+    """metrics.jsonl sorts its keys; numbers compared as numbers give back the network order of timm and
+    Hugging Face block names (layer1.1 < layer2.0, blocks.2 < blocks.10, encoder.layer.9 < encoder.layer.10)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", block))
+
+
+def _mean_routing(record: dict) -> Optional[float]:
+    values = [v for k, v in record.items() if k.startswith(ROUTING_PREFIX)]
+    return float(np.mean(values)) if values else None
+
+
+def _plot_curves(ax: Axes, runs: Sequence[Run], colour: Any, label: str,
+                 value: Callable[[dict], Optional[float]]) -> None:
+    """A thin line per run and a thick one for the mean per epoch; `value` reads a metrics.jsonl record
+    (None: nothing to plot for that epoch)."""
     per_epoch: dict[int, list[float]] = {}
     for run in runs:
-        points = [(rec["epoch"], 100.0 * rec[CURVE_KEY]) for rec in run.curve if CURVE_KEY in rec]
+        points = [(rec["epoch"], y) for rec in run.curve if (y := value(rec)) is not None]
         ax.plot(*zip(*points), color=colour, alpha=0.3, linewidth=1.0)
-        for epoch, value in points:
-            per_epoch.setdefault(epoch, []).append(value)
+        for epoch, y in points:
+            per_epoch.setdefault(epoch, []).append(y)
     epochs = sorted(per_epoch)
     ax.plot(epochs, [float(np.mean(per_epoch[e])) for e in epochs], color=colour, linewidth=2.2, marker="o",
             markersize=3, label=label)
