@@ -62,21 +62,44 @@ class Decider(nn.Module):
 
 
 class FrozenPath(nn.ModuleList):
-    """Deep copies of one site's modules, chained: no gradient, BatchNorm statistics and dropout always off."""
+    """Deep copies of one site's modules, chained: no gradient, BatchNorm statistics and dropout always off.
+
+    A convolution followed by its BatchNorm runs as one convolution with the BatchNorm's per-channel
+    affine map (eval mode: fixed statistics) folded into the filters: the same function, without a
+    normalisation pass over the activations forward and backward. The modules keep their own state.
+    """
 
     def __init__(self, modules: list[nn.Module]):
         super().__init__(copy.deepcopy(m) for m in modules)
         self.requires_grad_(False)
         self.train(False)
+        self.folded = len(self) == 2 and isinstance(self[0], nn.Conv2d) and isinstance(self[1], nn.BatchNorm2d) \
+            and self[1].track_running_stats
 
     def train(self, mode: bool = True) -> "FrozenPath":
         return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.folded:
+            return conv_with_folded_norm(self[0], self[1], args[0])
         output = self[0](*args, **kwargs)
         for module in self[1:]:
             output = module(output)
         return output
+
+
+def conv_with_folded_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """norm(conv(x)) for an eval-mode BatchNorm, as one convolution: filter c scaled by γ_c/√(σ²_c + ε),
+    bias β_c − μ_c·γ_c/√(σ²_c + ε) (plus the convolution's own bias, scaled)."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = -norm.running_mean * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), bias)
 
 
 class Routing(nn.Module):
@@ -122,7 +145,7 @@ class Routing(nn.Module):
                 self._sums[block] += g.detach().float().sum()
                 self._counts[block] += g.numel()
             g = expand(g, tuned)
-            mixed = g * tuned + (1 - g) * frozen
+            mixed = torch.lerp(frozen, tuned, g)  # g·tuned + (1 − g)·frozen in one op; exact at g = 0 and 1
             return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
 
         return hook
