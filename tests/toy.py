@@ -64,7 +64,7 @@ def toy_config(**trainer):
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 1e-4,
                   "head_lr_mult": 1.0, "layer_decay": 1.0},
         "sched": {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0},
-        "trainer": {"max_epochs": 3, "device": "cpu", "precision": "auto", "channels_last": "auto", "compile": False,
+        "trainer": {"max_epochs": 3, "device": "cpu", "precision": "auto", "channels_last": "auto", "compile": False, "cudnn_benchmark": True,
                     "grad_clip": None, "resume": False, "early_stopping_patience": None, "max_train_batches": None,
                     "max_eval_batches": None, "progress": False, "log_every": 1, "num_threads": None, **trainer},
     })

@@ -135,6 +135,8 @@ class Trainer:
         self.model.to(self.device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(self.tcfg.cudnn_benchmark)
         self._saved = self.checkpoints.load_last()  # read once; _start_or_resume restores the rest from it
         if self._saved is not None:
             if not self.tcfg.resume:  # before the setup, which may be costly (DELTA's attention, pruning)
