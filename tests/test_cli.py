@@ -120,6 +120,8 @@ def test_runtime_input_errors_are_one_line(capsys, tmp_path):
     assert "does not exist" in err and "data.root" in err
     err = fails_with(capsys, ["train", *SMOKE, f"hydra.run.dir={tmp_path / 'b'}", "data.classes=[0,42]"])
     assert "42" in err
+    err = fails_with(capsys, ["train", *SMOKE, f"hydra.run.dir={tmp_path / 'c'}", "data=csv_text"])
+    assert "data=csv_text needs data.train_file; add data.train_file=... to the command" in err
     assert not (tmp_path / "a" / "results.json").exists()
 
 

@@ -11,9 +11,9 @@ from transfer_cli.errors import TransferCliError
 
 def build_data(cfg: DictConfig, seed: int) -> DataBundle:
     """The splits of `cfg.name` (the `data` config node); `seed` is the run seed for the few-shot draws."""
-    missing = OmegaConf.missing_keys(cfg)
+    missing = [key for key in cfg if OmegaConf.is_missing(cfg, key)]  # names within `data`
     if missing:
-        key = sorted(missing)[0]
+        key = missing[0]
         raise TransferCliError(f"data={cfg.name} needs data.{key}; add data.{key}=... to the command")
     bundle = DATASETS.get(cfg.name)(cfg)
     classes = OmegaConf.to_container(cfg.classes) if OmegaConf.is_config(cfg.classes) else cfg.classes
