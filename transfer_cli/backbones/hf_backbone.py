@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from transfer_cli.backbones import BACKBONES, few, first_line
+from transfer_cli.backbones.hub import hub_unreachable
 from transfer_cli.backbones.model import Batch, TransferModel, group_members
 from transfer_cli.errors import TransferCliError
 
@@ -103,7 +104,8 @@ def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bo
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    options = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    options = {"trust_remote_code": trust_remote_code,
+               "local_files_only": local_only or Path(source).is_dir() or hub_unreachable()}
     try:
         config = AutoConfig.from_pretrained(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)

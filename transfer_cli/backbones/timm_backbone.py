@@ -22,6 +22,7 @@ from timm.models._manipulate import MATCH_PREV_GROUP, group_parameters
 from torch import nn
 
 from transfer_cli.backbones import BACKBONES, few, first_line
+from transfer_cli.backbones.hub import cache_only_when_unreachable
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel, group_members
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import load_torch
@@ -79,7 +80,8 @@ def _check_name(name: str) -> None:
 
 def _create(name: str, from_hub: bool, drop_rate: float) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=from_hub, num_classes=0, drop_rate=drop_rate)
+        with cache_only_when_unreachable():
+            return timm.create_model(name, pretrained=from_hub, num_classes=0, drop_rate=drop_rate)
     except OSError as e:  # offline and not in the cache: huggingface_hub's not-found errors are OSErrors
         raise TransferCliError(
             f"cannot fetch pretrained weights for timm model {name!r} ({first_line(e)}); "
