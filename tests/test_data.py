@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import transfer_cli
+from transfer_cli.cli import main
 from transfer_cli.data import DATASETS, ImageArraySplit, ImageFileSplit, TextSplit, build_data, make_loader
 from transfer_cli.data import loaders
 from transfer_cli.data.sampling import stratified_split
@@ -384,3 +386,131 @@ def test_a_training_pass_never_ends_on_a_single_example_batch(tmp_path):
     files = make_loader(bundle.train, image_model(size=(3, 16, 16)), 2, train=True, seed=0)
     assert len(files) == 2 and [len(b["labels"]) for b in files] == [2, 3]
     assert sorted(torch.cat([b["labels"] for b in files]).tolist()) == [0, 0, 0, 1, 1]
+
+
+# ---- in-memory augmentation ---------------------------------------------------------------------
+def ramps(n: int, height: int = 32, width: int = 32) -> ImageArraySplit:
+    """Channel 0 rises left to right, channel 1 top to bottom (8 per pixel): a crop and flip can be read off."""
+    x = torch.arange(width).mul(8).expand(height, width)
+    y = torch.arange(height).mul(8)[:, None].expand(height, width)
+    image = torch.stack([x, y, torch.zeros_like(x)]).to(torch.uint8)
+    return ImageArraySplit(image.expand(n, -1, -1, -1).clone(), torch.arange(n))
+
+
+def indexed(n: int) -> ImageArraySplit:
+    """array_split's images labelled by their index, so that by_example can put them back in order."""
+    return ImageArraySplit(array_split(n).images, torch.arange(n))
+
+
+def by_example(loader, epoch: int = 0) -> torch.Tensor:
+    """One epoch's images put back in stored order (labels are the example indices)."""
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    images = torch.cat([b["pixel_values"] for b in batches])
+    return images[torch.cat([b["labels"] for b in batches]).argsort()]
+
+
+def crop_geometry(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed width (negative: flipped) and height of each crop as fractions of the ramp image's."""
+    pixels = images * 255 / 8  # unnormalised (mean 0, std 1), in source pixels
+    width = (pixels[:, 0, :, -1] - pixels[:, 0, :, 0]).mean(-1) / (images.shape[-1] - 1)
+    height = (pixels[:, 1, -1, :] - pixels[:, 1, 0, :]).mean(-1) / (images.shape[-2] - 1)
+    return width, height
+
+
+def plain(size=(3, 32, 32)):
+    return image_model(size=size, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def test_array_augmentation_changes_training_images_within_the_normalised_range():
+    split = indexed(12)
+    train = make_loader(split, image_model(size=(3, 16, 16)), 5, train=True, seed=0, augment=True)
+    assert train.augment
+    augmented = by_example(train)
+    clean = by_example(make_loader(split, image_model(size=(3, 16, 16)), 5, train=True, seed=0))
+    assert augmented.shape == clean.shape == (12, 3, 16, 16) and augmented.dtype == torch.float32
+    assert not torch.equal(augmented, clean)
+    # bilinear samples mix pixels of the image: they stay in the range of (0..255 / 255 - 0.5) / 0.25
+    assert augmented.min() >= -2 - 1e-5 and augmented.max() <= 2 + 1e-5
+
+
+def test_array_augmentation_is_a_function_of_seed_epoch_and_example():
+    split = indexed(23)
+    model = image_model(size=(3, 12, 12))
+
+    def epoch(batch_size, e, seed=0):
+        return by_example(make_loader(split, model, batch_size, train=True, seed=seed, augment=True), e)
+
+    assert torch.equal(epoch(4, 1), epoch(4, 1))  # a resumed run redraws the same augmentation
+    assert not torch.equal(epoch(4, 1), epoch(4, 2)) and not torch.equal(epoch(4, 1, seed=1), epoch(4, 1))
+    # the same example gets the same augmentation whatever the batch it lands in, and whatever the shard
+    assert torch.equal(epoch(4, 1), epoch(7, 1)) and torch.equal(epoch(4, 1), epoch(23, 1))
+    shares = []
+    for rank in range(2):
+        loader = make_loader(split, model, 3, train=True, seed=0, augment=True)
+        loader.shard(rank, 2, even=False)
+        loader.set_epoch(1)
+        shares += list(loader)
+    sharded = torch.cat([b["pixel_values"] for b in shares])[torch.cat([b["labels"] for b in shares]).argsort()]
+    assert torch.equal(sharded, epoch(4, 1))
+
+
+def test_evaluation_and_unaugmented_loaders_serve_the_plain_images():
+    split = indexed(10)
+    model = image_model(size=(3, 16, 16))
+    evaluation = make_loader(split, model, 4, train=False, seed=0, augment=True)
+    assert not evaluation.augment
+    reference = torch.cat([b["pixel_values"] for b in make_loader(split, model, 4, train=False, seed=0)])
+    assert torch.equal(torch.cat([b["pixel_values"] for b in evaluation]), reference)
+    plain_train = make_loader(split, model, 3, train=True, seed=0)
+    assert not plain_train.augment and torch.equal(by_example(plain_train, 2), reference)
+
+
+def test_array_crops_and_flips_follow_timms_random_resized_crop():
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    width, height = crop_geometry(by_example(make_loader(ramps(1000), plain(), 250, train=True, seed=0,
+                                                         augment=True)))
+    assert 0.4 < (width < 0).float().mean() < 0.6  # flipped with probability 0.5
+    area, ratio = width.abs() * height, width.abs() / height
+    assert area.min() > 0.08 - 0.02 and area.max() <= 1 + 1e-4
+    assert ratio.min() > 0.75 - 0.05 and ratio.max() < 4 / 3 + 0.05
+    # timm's crops of a large image, as fractions of it: the same distribution of areas and ratios
+    random.seed(0)
+    big = Image.new("L", (1000, 1000))
+    crops = torch.tensor([RandomResizedCropAndInterpolation.get_params(big, (0.08, 1.0), (3 / 4, 4 / 3))[2:]
+                          for _ in range(5000)], dtype=torch.float64) / 1000
+    assert abs(area.mean() - crops.prod(1).mean()) < 0.03
+    assert abs(ratio.log().std() - (crops[:, 1] / crops[:, 0]).log().std()) < 0.02
+
+
+def test_array_crop_aspect_ratio_is_the_source_images():
+    """A wide image keeps crop ratios (in its own pixels) within 3/4..4/3, as timm's crop of it would."""
+    width, height = crop_geometry(by_example(make_loader(ramps(300, 16, 32), plain((3, 16, 32)), 100,
+                                                         train=True, seed=0, augment=True)))
+    ratio = width.abs() * 32 / (height * 16)
+    assert ratio.min() > 0.75 - 0.08 and ratio.max() < 4 / 3 + 0.1
+
+
+def test_text_with_augment_is_a_one_line_error(text_model, tiny_bert, tmp_path, capsys):
+    split = TextSplit(("good", "bad"), torch.tensor([1, 0]))
+    with pytest.raises(TransferCliError, match="text data has no augmentation here; set data.augment=false"):
+        make_loader(split, text_model, 2, train=True, seed=0, augment=True)
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,label\n" + "".join(f"good movie {i},pos\nbad plot {i},neg\n" for i in range(6)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={tmp_path / 'run'}", "backbone=hf",
+              f"backbone.weights={tiny_bert}", "data=csv_text", f"data.train_file={csv}", "data.augment=true"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "set data.augment=false" in err
+
+
+def test_feature_cache_refuses_augmented_arrays(tmp_path, capsys):
+    args = ["train", "trainer=smoke", "trainer.device=cpu", "strategy=freeze", "data.augment=true"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "strategy.cache_features=true", f"hydra.run.dir={tmp_path / 'required'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "strategy.cache_features=true, but data.augment=true" in err
+    main([*args, f"hydra.run.dir={tmp_path / 'auto'}"])  # auto trains without the cache
+    assert (tmp_path / "auto" / "results.json").exists()

@@ -2,11 +2,13 @@
 
 In-memory splits (image arrays, tokenised text) are served by slicing tensors with whole-batch
 tensor ops, with no per-example Python; image files go through a torch DataLoader with timm's
-transforms. Either way a training epoch's order is a pure function of (seed, epoch), so a resumed
-run sees exactly the batches the interrupted one would have.
+transforms. Either way a training epoch's order is a pure function of (seed, epoch), and an
+example's augmentation one of (seed, epoch, example index), so a resumed run sees exactly the
+batches the interrupted one would have, whatever the batch size, worker count or sharding.
 """
 from __future__ import annotations
 
+import math
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,8 +47,10 @@ def make_loader(
 ) -> "BatchLoader":
     """The loader for one split, preprocessed for `model` (anything with .modality and .preprocessing).
 
-    `train` shuffles (per epoch, see BatchLoader.set_epoch) and, for image files with `augment`,
-    applies timm's training augmentation; in-memory image arrays are never augmented.
+    `train` shuffles (per epoch, see BatchLoader.set_epoch) and, with `augment`, randomly augments
+    images: image files with timm's full training transform, in-memory image arrays with its random
+    resized crop and horizontal flip done on whole batches. Evaluation loaders are never augmented;
+    text has no augmentation, so `augment` with a text split is an error rather than a silent no-op.
     `num_workers` only matters for image files.
     """
     expected = "text" if isinstance(split, TextSplit) else "image"
@@ -57,15 +61,18 @@ def make_loader(
         )
     if batch_size < 1:
         raise TransferCliError(f"batch size {batch_size} must be at least 1")
+    if augment and expected == "text":
+        raise TransferCliError("data.augment=true, but text data has no augmentation here; set data.augment=false")
     prep = model.preprocessing
     if isinstance(split, ImageFileSplit):
         return FileLoader(split, prep, batch_size, shuffle=train, augment=train and augment, seed=seed,
                           num_workers=num_workers)
     if isinstance(split, ImageArraySplit):
-        make_batch: Callable[[torch.Tensor], Batch] = _ImageArrayBatches(split, prep)
-    else:
-        make_batch = _TextBatches(split, prep["tokenizer"], max_length)
-    return TensorLoader(split.labels, make_batch, batch_size, shuffle=train, seed=seed)
+        images = _ImageArrayBatches(split, prep, augment=train and augment)
+        draw = images.augmentation.draws if images.augmentation else None
+        return TensorLoader(split.labels, images, batch_size, shuffle=train, seed=seed, draw=draw)
+    text = _TextBatches(split, prep["tokenizer"], max_length)
+    return TensorLoader(split.labels, text, batch_size, shuffle=train, seed=seed)
 
 
 @dataclass
@@ -83,9 +90,14 @@ class EpochOrder:
     even: bool = False
 
     def generator(self) -> torch.Generator:
-        # SeedSequence mixes (seed, epoch) well: nearby seeds and epochs give unrelated streams
-        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        """The stream this epoch's shuffle draws from."""
+        return _generator(self.seed, self.epoch)
+
+    def augmentation_generator(self) -> torch.Generator:
+        """The stream this epoch's augmentation draws from, one draw per example in stored order. It is
+        apart from the shuffle's, so an example's augmentation depends on (seed, epoch, example index)
+        alone: not on the order, the batching, the workers or the shard."""
+        return _generator(self.seed, self.epoch, 1)
 
     def indices(self, generator: torch.Generator) -> torch.Tensor:
         order = torch.randperm(self.num_samples, generator=generator) if self.shuffle else torch.arange(self.num_samples)
@@ -105,6 +117,12 @@ class EpochOrder:
         if self.even:
             return self.num_samples // self.world_size
         return len(range(self.rank, self.num_samples, self.world_size))
+
+
+def _generator(*entropy: int) -> torch.Generator:
+    # SeedSequence mixes its entropy well: nearby seeds and epochs give unrelated streams
+    state = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def batch_sizes(num_samples: int, batch_size: int, training: bool) -> list[int]:
@@ -166,30 +184,39 @@ class BatchLoader:
 
 
 class TensorLoader(BatchLoader):
-    """Serves slices of an in-memory split: `make_batch(index)` builds a whole batch at once."""
+    """Serves slices of an in-memory split: `make_batch(index)` builds a whole batch at once.
+
+    With `draw` the examples are augmented: each epoch `draw(order)` gives one row of random numbers
+    per example, and `make_batch(index, rows)` gets the batch's rows, picked by example index.
+    """
 
     def __init__(
         self,
         labels: torch.Tensor,
-        make_batch: Callable[[torch.Tensor], Batch],
+        make_batch: Callable[..., Batch],
         batch_size: int,
         *,
         shuffle: bool,
         seed: int,
+        draw: Optional[Callable[[EpochOrder], torch.Tensor]] = None,
     ):
         super().__init__(len(labels), batch_size, shuffle=shuffle, seed=seed)
         self.labels = labels.long()
         self.make_batch = make_batch
+        self.draw = draw
+        self.augment = draw is not None
 
     def __iter__(self) -> Iterator[Batch]:
+        draws = self.draw(self.order) if self.draw else None
         for index in self.batch_indices():
-            yield {**self.make_batch(index), "labels": self.labels[index]}
+            extra = () if draws is None else (draws[index],)
+            yield {**self.make_batch(index, *extra), "labels": self.labels[index]}
 
 
 class _ImageArrayBatches:
     """uint8 N x C x H x W images -> normalised float batches of the backbone's input size."""
 
-    def __init__(self, split: ImageArraySplit, prep: dict):
+    def __init__(self, split: ImageArraySplit, prep: dict, augment: bool = False):
         self.channels, height, width = (int(d) for d in prep["input_size"])
         self.size = (height, width)
         self.mode = _MODES.get(str(prep.get("interpolation", "bilinear")), "bilinear")
@@ -203,6 +230,7 @@ class _ImageArrayBatches:
         # (x / 255 - mean) / std as one multiply-add
         self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
         self.images = split.images
+        self.augmentation = _RandomResizedCropFlip(split.images.shape[-2:]) if augment else None
         if n and split.images.shape[-2:] != self.size and n * c * height * width <= PRERESIZE_BYTES:
             self.images = torch.cat([self._resize(chunk) for chunk in split.images.split(1024)])
 
@@ -214,14 +242,74 @@ class _ImageArrayBatches:
         out = F.interpolate(images.float(), size=self.size, mode=self.mode, antialias=antialias)
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
-    def __call__(self, index: torch.Tensor) -> Batch:
+    def __call__(self, index: torch.Tensor, draws: Optional[torch.Tensor] = None) -> Batch:
         images = self._resize(self.images[index]).float()
+        if draws is not None:
+            images = self.augmentation(images, draws)
         if images.shape[1] == 1 and self.channels == 3:
             images = images.expand(-1, 3, -1, -1)
         elif images.shape[1] == 3 and self.channels == 1:
             luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601, as PIL's convert("L")
             images = (images * luma).sum(1, keepdim=True)
         return {"pixel_values": images * self.scale + self.shift}
+
+
+class _RandomResizedCropFlip:
+    """timm's training crop and flip for whole float batches: one affine_grid + grid_sample, no per-example
+    Python, no PIL.
+
+    As timm's RandomResizedCropAndInterpolation with its defaults: a crop whose area is uniform in SCALE
+    of the source image's, with aspect ratio log-uniform in RATIO, the first of TRIES candidates that
+    fits in the image (all tried at once), else timm's fallback, the centred crop of the image's aspect
+    ratio clamped into RATIO; its position is uniform. Then a horizontal flip with probability FLIP.
+    Crop sizes are fractions of the source's size (timm rounds them to pixels). The crop is sampled
+    bilinearly from the image already resized to the model's input size: the resize scales each axis,
+    so a crop's fractions are the same on both.
+    """
+
+    SCALE = (0.08, 1.0)
+    RATIO = (3 / 4, 4 / 3)
+    TRIES = 10
+    FLIP = 0.5
+    #: uniform draws per example: TRIES (area, log ratio) pairs, then the crop's x and y and the flip
+    DRAWS = 2 * TRIES + 3
+
+    def __init__(self, source_size: tuple[int, int]):
+        height, width = source_size
+        self.aspect = width / height
+
+    def draws(self, order: EpochOrder) -> torch.Tensor:
+        """One row of uniforms per example index for the order's (seed, epoch)."""
+        return torch.rand(order.num_samples, self.DRAWS, generator=order.augmentation_generator())
+
+    def __call__(self, images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        grid = F.affine_grid(self._theta(draws), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _theta(self, draws: torch.Tensor) -> torch.Tensor:
+        """Per example the affine map from output to source coordinates (both in [-1, 1])."""
+        tries = self.TRIES
+        area = self.SCALE[0] + (self.SCALE[1] - self.SCALE[0]) * draws[:, :tries]
+        low, high = math.log(self.RATIO[0]), math.log(self.RATIO[1])
+        ratio = torch.exp(low + (high - low) * draws[:, tries:2 * tries])
+        # crop width and height as fractions of the source's: w*h = area*W*H and w/h = ratio
+        width, height = (area * ratio / self.aspect).sqrt(), (area / ratio * self.aspect).sqrt()
+        fits = (width <= 1) & (height <= 1)
+        first = fits.to(torch.uint8).argmax(1, keepdim=True)  # argmax gives the first of equal maxima
+        found = fits.any(1)
+        fallback_w = min(1.0, self.RATIO[1] / self.aspect)
+        fallback_h = min(1.0, self.aspect / self.RATIO[0])
+        width = torch.where(found, width.gather(1, first)[:, 0], fallback_w)
+        height = torch.where(found, height.gather(1, first)[:, 0], fallback_h)
+        # a uniform position puts the crop's centre uniformly in [-(1 - size), 1 - size]; the fallback is centred
+        shift = torch.where(found[:, None], 2 * draws[:, 2 * tries:2 * tries + 2] - 1, 0.0)
+        flip = torch.where(draws[:, -1] < self.FLIP, -1.0, 1.0)
+        theta = torch.zeros(len(draws), 2, 3)
+        theta[:, 0, 0] = width * flip
+        theta[:, 0, 2] = (1 - width) * shift[:, 0]
+        theta[:, 1, 1] = height
+        theta[:, 1, 2] = (1 - height) * shift[:, 1]
+        return theta
 
 
 class _TextBatches:
@@ -298,19 +386,20 @@ class FileLoader(BatchLoader):
 
 
 class _PlanSampler(torch.utils.data.Sampler):
-    """Yields this epoch's (index, augmentation seed) pairs, both following from (seed, epoch) alone."""
+    """Yields this epoch's (index, augmentation seed) pairs: the order follows from (seed, epoch), the seeds
+    from (seed, epoch, example index)."""
 
     def __init__(self, order: EpochOrder, augment: bool):
         self.order = order
         self.augment = augment
 
     def __iter__(self) -> Iterator[tuple[int, Optional[int]]]:
-        generator = self.order.generator()
-        indices = self.order.indices(generator).tolist()
+        indices = self.order.indices(self.order.generator())
         if not self.augment:
-            return iter([(i, None) for i in indices])
-        seeds = torch.randint(0, 2**62, (len(indices),), generator=generator).tolist()
-        return iter(zip(indices, seeds))
+            return iter([(i, None) for i in indices.tolist()])
+        # a seed per example index, so that its augmentation does not depend on the order or the shard
+        seeds = torch.randint(0, 2**62, (self.order.num_samples,), generator=self.order.augmentation_generator())
+        return iter(zip(indices.tolist(), seeds[indices].tolist()))
 
     def __len__(self) -> int:
         return self.order.served
