@@ -166,12 +166,16 @@ def test_a_model_without_blocks_is_a_one_line_error():
         strategy.setup(model, ToyLoader(), torch.device("cpu"))
 
 
-def test_cli_spottune_trains_and_eval_restores_the_policy(tmp_path):
+def test_cli_spottune_trains_and_eval_restores_the_policy(tmp_path, capsys):
     main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={tmp_path}", "strategy=spottune"])
     results = json.loads((tmp_path / "results.json").read_text())
     assert "finetuned/body.layer1.0" in read_jsonl(tmp_path / "metrics.jsonl")[-1]
     main(["eval", f"run={tmp_path}"])
     assert json.loads((tmp_path / "eval.json").read_text())["test"] == results["test"]
+    capsys.readouterr()
+    main(["export", f"run={tmp_path}", f"out={tmp_path / 'body.safetensors'}"])
+    assert "the exported body is the fine-tuned path alone" in capsys.readouterr().err
+    assert (tmp_path / "body.safetensors").is_file()
 
 
 def test_cli_adafilter_with_minilm(tmp_path):

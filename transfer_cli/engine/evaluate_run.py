@@ -1,6 +1,7 @@
 """Work on a finished run's folder: re-evaluate its best checkpoint, or export its trained body."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def export_run(cfg: DictConfig, run_dir: Path, out: Path) -> None:
-    """Save the run's trained body, with its preprocessing, as a backbone for `backbone.weights=`."""
+    """Save the run's trained body, with its preprocessing, as a backbone for `backbone.weights=`; say
+    on stderr when that body is not the whole trained model (the strategy's `export_caveat`)."""
     run, epoch, _ = restore_run(cfg, run_dir)
+    if run.strategy.export_caveat:
+        print(f"transfer-cli: note: strategy={cfg.strategy.name}: {run.strategy.export_caveat}", file=sys.stderr)
     export_body(run.model.cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
                                        "source_classes": ",".join(run.data.class_names)})

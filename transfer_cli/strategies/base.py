@@ -27,6 +27,9 @@ class Strategy:
 
     #: True when the model's body should keep the pretrained weights (False: random init).
     pretrained_body = True
+    #: what `transfer-cli export` must tell the user when the exported body is not the whole trained
+    #: model (None: it is)
+    export_caveat: str | None = None
 
     def __init__(self, cfg: DictConfig, optim: DictConfig):
         self.cfg = cfg

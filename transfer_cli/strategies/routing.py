@@ -279,6 +279,8 @@ class RoutedStrategy(Strategy):
 
     #: route every convolution (with its BatchNorm) of a CNN block instead of the whole block
     per_filter = False
+    export_caveat = ("the exported body is the fine-tuned path alone: the per-example routing between it and the "
+                     "pretrained weights is not a backbone, so the file does not reproduce this run's accuracy")
 
     def decider(self, model: TransferModel, sites: list[Site]) -> Decider:
         """The decision network for a model routed at these sites."""
