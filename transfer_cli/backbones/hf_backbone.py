@@ -50,7 +50,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str
 @BACKBONES.register("hf")
 def build_hf(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> TransferModel:
     """A Hugging Face text encoder (AutoModel), by hub name or from a local folder (backbone.weights)."""
-    return _build(cfg, _local_folder(cfg.weights) or cfg.name, num_classes, pretrained, local_only=False)
+    folder = _local_folder(cfg.weights)
+    if folder is not None:
+        return _build(cfg, folder, num_classes, pretrained, local_only=True)
+    return _build(cfg, cfg.name, num_classes, pretrained, local_only=hub_unreachable())
 
 
 @BACKBONES.register("minilm")
@@ -104,8 +107,7 @@ def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bo
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    options = {"trust_remote_code": trust_remote_code,
-               "local_files_only": local_only or Path(source).is_dir() or hub_unreachable()}
+    options = {"trust_remote_code": trust_remote_code, "local_files_only": local_only}
     try:
         config = AutoConfig.from_pretrained(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options)

@@ -63,10 +63,10 @@ class ImagePolicy(nn.Module):
     """The official agent's shape: stem, three one-block stages (2w, 4w, 8w), pool, linear; on the image
     average-pooled by `downsample`."""
 
-    def __init__(self, image_shape: tuple[int, ...], width: int, outputs: int, downsample: int):
+    def __init__(self, in_chans: int, width: int, outputs: int, downsample: int):
         super().__init__()
         self.downsample = downsample
-        self.stem = nn.Sequential(nn.Conv2d(image_shape[0], width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1, bias=False), nn.BatchNorm2d(width))
         self.stages = nn.Sequential(_PolicyBlock(width, 2 * width), _PolicyBlock(2 * width, 4 * width),
                                     _PolicyBlock(4 * width, 8 * width))
         self.norm = nn.Sequential(nn.BatchNorm2d(8 * width), nn.ReLU())
@@ -125,8 +125,8 @@ class SpotTune(RoutedStrategy):
         if self.cfg.budget_k is not None and not 0 <= float(self.cfg.budget_k) <= blocks:
             raise TransferCliError(f"strategy.budget_k={self.cfg.budget_k} must be between 0 and {blocks} (the blocks)")
         if model.modality == "image":
-            net = ImagePolicy(model.preprocessing["input_size"], width, 2 * blocks,
-                              self.policy_downsample(model.preprocessing["input_size"], sites[0]))
+            image_shape = model.preprocessing["input_size"]
+            net = ImagePolicy(image_shape[0], width, 2 * blocks, self.policy_downsample(image_shape, sites[0]))
         else:
             net = TextPolicy(model.body.get_input_embeddings(), width, 2 * blocks)
         return Policy(net, blocks, float(self.cfg.temperature))
