@@ -20,7 +20,7 @@ import torch
 from transfer_cli.cli import run_config
 from transfer_cli.engine.evaluate_run import restore_run
 from transfer_cli.engine.run import assemble
-from transfer_cli.strategies.pruning import count_flops, count_params
+from transfer_cli.strategies.pruning.cnn import count_flops, count_params
 
 
 def images_per_s(model: torch.nn.Module, images: torch.Tensor, seconds: float) -> float:

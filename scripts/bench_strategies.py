@@ -3,7 +3,7 @@
 Every registered strategy (transfer_cli.strategies.base.STRATEGIES, so strategies added later are
 picked up) runs on the same backbone, data and batch: the real run is assembled from the config
 (`strategy=<name>` plus the options below), the Trainer prepares it (the strategy's setup, its
-loaders) and the Trainer's own `_train_step` (forward, penalties, backward, optimizer step) runs on
+loaders) and the Trainer's own `train_step` (forward, penalties, backward, optimizer step) runs on
 one fixed batch of the first epoch.
 
     python scripts/bench_strategies.py                        # timm resnet18 at 64 px, batch 32, CPU
@@ -110,15 +110,13 @@ class Prepared:
 
         started = time.perf_counter()
         trainer.prepare()
-        trainer.strategy.on_epoch_start(0, trainer.model)
-        trainer._build_optimizer({})
+        trainer.begin_epoch(0)
         trainer.model.train()
         trainer.train_loader.set_epoch(0)
         self.batch = next(iter(trainer.train_loader))  # a feature cache fills itself here
         self.sync()
         self.setup_s = time.perf_counter() - started
         self.state = TrainState()
-        self.trainable = [p for g in trainer.optimizer.param_groups for p in g["params"]]
 
     def sync(self) -> None:
         if self.cuda:
@@ -130,7 +128,7 @@ class Prepared:
         """One training step as the Trainer runs it; its wall time in seconds."""
         self.sync()
         begin = time.perf_counter()
-        self.trainer._train_step(self.batch, self.state, self.trainable)
+        self.trainer.train_step(self.batch, self.state)
         self.sync()
         return time.perf_counter() - begin
 

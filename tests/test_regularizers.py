@@ -11,7 +11,7 @@ from transfer_cli.cli import main
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.io import read_jsonl
 from transfer_cli.strategies import build_strategy
-from transfer_cli.strategies.penalties import attended_feature_distance, spectral_shrinkage
+from transfer_cli.strategies.regularizers.terms import attended_feature_distance, spectral_shrinkage
 from tests.test_loop import CrashingLoader
 from tests.toy import ToyLoader, ToyModel, toy_config
 
@@ -75,7 +75,7 @@ def test_l2sp_penalty_and_gradient_follow_the_formula(tmp_path):
 def test_l2sp_penalty_is_zero_at_the_start_and_skips_bn_affine_when_told(tmp_path):
     model, trainer = make(tmp_path, "l2sp", {"beta": 0.0, "bn_affine": False})
     trainer.strategy.setup(model, None, torch.device("cpu"))
-    assert not any(".1." in n for n in trainer.strategy.theta0)  # stem.1 / block.1 are the BatchNorms
+    assert not any(".1." in n for n in trainer.strategy.regularizer("l2sp").theta0)  # stem.1 / block.1 are the BatchNorms
     batch = next(iter(ToyLoader()))
     assert trainer.strategy.penalty(model, batch, model(batch))["l2sp"].item() == 0.0
 
@@ -86,7 +86,7 @@ def test_l2sp_replaces_weight_decay_keeps_theta0_and_logs_its_penalty(tmp_path):
     start = {n: p.detach().clone() for n, p in ToyModel().named_parameters()}
     model, trainer, _ = fit(tmp_path, "l2sp")
     assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups)
-    assert all(torch.equal(w0, start[n]) for n, w0 in trainer.strategy.theta0.items())
+    assert all(torch.equal(w0, start[n]) for n, w0 in trainer.strategy.regularizer("l2sp").theta0.items())
     assert all(r["train_penalty/l2sp"] > 0 for r in read_jsonl(tmp_path / "metrics.jsonl"))
 
 
@@ -111,7 +111,7 @@ def test_resume_restores_theta0_instead_of_snapshotting_the_rebuilt_model(tmp_pa
     model_b, resumed = make(tmp_path / "b", "l2sp", model=ToyModel(), max_epochs=4, resume=True)
     torch.manual_seed(123)
     b = resumed.fit()
-    assert all(torch.equal(resumed.strategy.theta0[n], w0) for n, w0 in crashing.strategy.theta0.items())
+    assert all(torch.equal(resumed.strategy.regularizer("l2sp").theta0[n], w0) for n, w0 in crashing.strategy.regularizer("l2sp").theta0.items())
     assert b.test == a.test and same_weights(model_a, model_b)
 
 
@@ -125,7 +125,8 @@ def test_bss_uses_the_features_of_the_training_forward(tmp_path):
     model, trainer = make(tmp_path, "bss", {"weight": 2.0})
     batch = next(iter(ToyLoader()))
     model.train()
-    logits = trainer.strategy.forward(model, batch)
+    with trainer.strategy.observing(model):
+        logits = trainer.strategy.forward(model, batch)
     torch.testing.assert_close(logits, model(batch))
     value = trainer.strategy.penalty(model, batch, logits)["bss"]
     expected = 2.0 * torch.linalg.svdvals(model.features(batch)).min() ** 2
@@ -163,15 +164,15 @@ class OneChannelModel(ToyModel):
 def test_delta_attention_is_a_distribution_that_favours_the_channel_that_matters(tmp_path):
     model, trainer = make(tmp_path, "delta", {"attention_epochs": 5, "attention_lr": 0.5}, model=OneChannelModel())
     trainer.strategy.setup(model, ToyLoader(), torch.device("cpu"))
-    (attention,) = trainer.strategy.attention
+    (attention,) = trainer.strategy.regularizer("delta").attention
     assert (attention >= 0).all() and attention.sum().item() == pytest.approx(1.0)
     assert attention[0] > attention[1:].max()
-    assert all(p.requires_grad is False for p in trainer.strategy.reference.parameters())
+    assert all(p.requires_grad is False for p in trainer.strategy.regularizer("delta").reference.parameters())
 
 
 def test_delta_without_attention_weighs_channels_equally_and_resumes_its_state(tmp_path):
     model, trainer, _ = fit(tmp_path, "delta", {"attention": False}, max_epochs=1)
-    assert torch.equal(trainer.strategy.attention[0], torch.full((4,), 0.25))
+    assert torch.equal(trainer.strategy.regularizer("delta").attention[0], torch.full((4,), 0.25))
     assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups)
     record = read_jsonl(tmp_path / "metrics.jsonl")[0]
     assert record["train_penalty/delta"] > 0 and record["train_penalty/delta_head"] > 0
@@ -179,8 +180,8 @@ def test_delta_without_attention_weighs_channels_equally_and_resumes_its_state(t
     _, other = make(tmp_path / "o", "delta", {"attention": False}, model=ToyModel())
     other.strategy.setup(ToyModel(), ToyLoader(), torch.device("cpu"))
     other.strategy.load_state_dict(state)
-    assert all(torch.equal(a, b) for a, b in zip(other.strategy.reference.state_dict().values(),
-                                                 trainer.strategy.reference.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(other.strategy.regularizer("delta").reference.state_dict().values(),
+                                                 trainer.strategy.regularizer("delta").reference.state_dict().values()))
 
 
 @pytest.mark.parametrize("strategy, extra", [
@@ -202,7 +203,7 @@ def test_cli_trains_and_evaluates_each_regulariser(tmp_path, strategy, extra, mo
 def test_channel_ablation_runs_only_the_layers_above_and_equals_whole_forwards(monkeypatch):
     from transfer_cli.backbones import build_backbone
     from transfer_cli.backbones.model import TransferModel
-    from transfer_cli.strategies.delta import ablation_losses
+    from transfer_cli.strategies.regularizers.delta import ablation_losses
 
     torch.manual_seed(0)
     cfg = OmegaConf.create({"kind": "timm", "name": "test_resnet", "pretrained": False, "weights": None,

@@ -15,7 +15,7 @@ from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
 from transfer_cli.strategies import build_strategy
-from transfer_cli.strategies.routing import plan_sites
+from transfer_cli.strategies.routing.sites import plan_sites
 from tests.test_loop import CrashingLoader
 from tests.test_schedules import bert, resnet
 from tests.toy import ToyLoader, ToyModel, toy_config

@@ -13,7 +13,8 @@ from transfer_cli.backbones import build_backbone
 from transfer_cli.cli import main
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies import build_strategy, pruning, pruning_transformer
+from transfer_cli.strategies import build_strategy
+from transfer_cli.strategies.pruning import cnn, transformer
 
 TINY = {"alpha": {"epochs": 1, "recovery_epochs": 1, "lr": 0.05, "momentum": 0.9}}
 
@@ -34,7 +35,7 @@ def tiny_resnet() -> torch.nn.Module:
                             "image_size": 16, "drop_rate": 0.0})
     model = build_backbone(cfg, 3, pretrained=False)
     for m in model.modules():  # non-trivial BatchNorm statistics and shifts
-        if isinstance(m, pruning.BatchNorm):
+        if isinstance(m, cnn.BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.bias.data.uniform_(-0.5, 0.5)
@@ -46,36 +47,36 @@ def test_removal_is_exact_on_a_residual_network():
     logits, through residual additions; folding α into BatchNorm changes nothing either."""
     model = tiny_resnet()
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    graph = pruning.dependency_graph(model)
-    groups = pruning.channel_groups(model, graph)
+    graph = cnn.dependency_graph(model)
+    groups = cnn.channel_groups(model, graph)
     assert any(len(g.norms) > 1 for g in groups), "no residual-coupled group: the test would prove less"
-    alpha = pruning.ScalingFactors(groups)
+    alpha = cnn.ScalingFactors(groups)
     generator = torch.Generator().manual_seed(2)
     for a in alpha.parameters():
         a.data = torch.rand(a.shape, generator=generator) + 0.5
     importance = {g.name: torch.rand(g.size, generator=generator) for g in groups}
-    plan = pruning.least_important(importance, sum(g.size for g in groups) // 3)
+    plan = cnn.least_important(importance, sum(g.size for g in groups) // 3)
     with torch.no_grad():
         for name, channels in plan.items():
             alpha.alpha[name][channels] = 0.0
         masked = model({"pixel_values": images})
-    params, flops = pruning.count_params(model), pruning.count_flops(model)
+    params, flops = cnn.count_params(model), cnn.count_flops(model)
 
     sizes = {g.name: g.size for g in groups}
     alpha.remove()
-    pruning.remove_channels(model, graph, plan)
+    cnn.remove_channels(model, graph, plan)
     for name, channels in plan.items():
         kept = torch.ones(sizes[name], dtype=torch.bool)
         kept[channels] = False
         alpha.keep(name, kept)
-    groups = pruning.channel_groups(model, graph)
+    groups = cnn.channel_groups(model, graph)
     alpha.attach(groups)
     with torch.no_grad():
         pruned = model({"pixel_values": images})
         alpha.fold(groups)
         folded = model({"pixel_values": images})
 
-    assert pruning.count_params(model) < 0.8 * params and pruning.count_flops(model) < 0.8 * flops
+    assert cnn.count_params(model) < 0.8 * params and cnn.count_flops(model) < 0.8 * flops
     assert [g.size for g in groups] == [sizes[g.name] - len(plan.get(g.name, [])) for g in groups]
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded, masked, rtol=1e-5, atol=1e-5)
@@ -89,10 +90,10 @@ def test_importance_is_the_layer_normalised_taylor_term_of_the_paper():
     loader = ToyLoader(n=16, batch_size=8)
     loader.images = loader.images.double()
     strategy = transtailor()
-    graph = pruning.dependency_graph(model)
-    groups = pruning.channel_groups(model, graph)
+    graph = cnn.dependency_graph(model)
+    groups = cnn.channel_groups(model, graph)
     assert sorted(g.name for g in groups) == ["body.block.0", "body.stem.0"]
-    alpha = pruning.ScalingFactors(groups)
+    alpha = cnn.ScalingFactors(groups)
     with torch.no_grad():
         for a in alpha.parameters():
             a.copy_(torch.linspace(0.2, 1.4, a.numel(), dtype=torch.float64))
@@ -103,7 +104,7 @@ def test_importance_is_the_layer_normalised_taylor_term_of_the_paper():
         return total / loader.num_samples
 
     grads = strategy._alpha_grad(model, alpha, loader, torch.device("cpu"))
-    importance = pruning.taylor_importance(alpha.alpha, grads)
+    importance = cnn.taylor_importance(alpha.alpha, grads)
     h = 1e-6
     for name, a in alpha.alpha.items():
         expected = torch.zeros_like(a)
@@ -120,9 +121,9 @@ def test_importance_is_the_layer_normalised_taylor_term_of_the_paper():
     assert importance["body.block.0"][2] == 0
     order = sorted(((float(s), n, c) for n, v in importance.items() for c, s in enumerate(v)
                     if c != int(v.argmax())))
-    assert pruning.least_important(importance, 3) == {
+    assert cnn.least_important(importance, 3) == {
         n: sorted(c for _, m, c in order[:3] if m == n) for n in {m for _, m, _ in order[:3]}}
-    assert pruning.least_important(importance, 1) == {"body.block.0": [2]}
+    assert cnn.least_important(importance, 1) == {"body.block.0": [2]}
 
 
 @pytest.mark.parametrize("target", ["filters", "params", "flops"])
@@ -130,12 +131,12 @@ def test_pruning_stops_at_the_first_round_that_reaches_the_ratio(target):
     torch.manual_seed(0)
     model = ToyModel(width=16)
     strategy = transtailor(target=target, ratio=0.4, step=0.1)
-    params, flops = pruning.count_params(model), pruning.count_flops(model)
+    params, flops = cnn.count_params(model), cnn.count_flops(model)
     strategy.setup(model, ToyLoader(), torch.device("cpu"))
     summary = strategy.results()["pruning"]
     assert (summary["params_before"], summary["flops_before"]) == (params, flops)
-    assert summary["params_after"] == pruning.count_params(model) < params
-    assert summary["flops_after"] == pruning.count_flops(model) < flops
+    assert summary["params_after"] == cnn.count_params(model) < params
+    assert summary["flops_after"] == cnn.count_flops(model) < flops
     after = {"filters": summary["filters_after"] / summary["filters_before"],
              "params": summary["params_after"] / params, "flops": summary["flops_after"] / flops}[target]
     rounds = summary["reduction_per_round"]
@@ -188,12 +189,12 @@ def test_heads_and_ffn_units_are_removed_exactly_and_replay(tiny_bert):
     batch = {"input_ids": torch.randint(5, 100, (3, 9), generator=g),
              "attention_mask": torch.ones(3, 9, dtype=torch.long)}
     batch["attention_mask"][0, 6:] = 0
-    graph = pruning_transformer.dependency_graph(model)
-    groups = pruning_transformer.channel_groups(model, graph)
+    graph = transformer.dependency_graph(model)
+    groups = transformer.channel_groups(model, graph)
     layer = "body.encoder.layer"
     assert [(x.name, x.size) for x in groups] == [(f"{layer}.0.attention", 2), (f"{layer}.0.intermediate", 37),
                                                  (f"{layer}.1.attention", 2), (f"{layer}.1.intermediate", 37)]
-    alpha = pruning_transformer.ScalingFactors(groups)
+    alpha = transformer.ScalingFactors(groups)
     for a in alpha.parameters():
         a.data = torch.rand(a.shape, generator=g) + 0.5
     plan = {f"{layer}.0.attention": [1], f"{layer}.0.intermediate": [0, 5, 36],
@@ -202,23 +203,23 @@ def test_heads_and_ffn_units_are_removed_exactly_and_replay(tiny_bert):
         for name, units in plan.items():
             alpha.alpha[name][units] = 0.0
         masked = model(batch)
-    params, flops = pruning.count_params(model), pruning_transformer.count_flops(model)
+    params, flops = cnn.count_params(model), transformer.count_flops(model)
     strategy = transtailor()
-    strategy.ops = pruning_transformer
+    strategy.ops = transformer
     strategy._remove(model, graph, alpha, plan)
-    groups = pruning_transformer.channel_groups(model, graph)
+    groups = transformer.channel_groups(model, graph)
     with torch.no_grad():
         pruned = model(batch)
         alpha.fold(groups)
         folded = model(batch)
     assert [x.size for x in groups] == [1, 34, 1, 18]
     assert model.body.encoder.layer[0].attention.self.num_attention_heads == 1
-    assert pruning.count_params(model) < params and pruning_transformer.count_flops(model) < flops
+    assert cnn.count_params(model) < params and transformer.count_flops(model) < flops
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded, masked, rtol=1e-5, atol=1e-5)
 
     fresh = bert(tiny_bert)
-    pruning_transformer.replay(fresh, pruning_transformer.history_of(graph))
+    transformer.replay(fresh, transformer.history_of(graph))
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(fresh(batch), masked, rtol=1e-5, atol=1e-5)

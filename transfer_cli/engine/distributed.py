@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -140,35 +140,13 @@ def shard(loaders: Sequence[Any], train: Any) -> None:
         loader.shard(where.rank, where.world_size, even=loader is train)
 
 
-class StrategyStep(nn.Module):
-    """The strategy's forward and its penalties as one module call: what DDP wraps, so the gradient
-    of everything in the loss is averaged, penalties and routing included.
-
-    `params` are the optimizer's parameters; any that live outside the model (a strategy's own
-    policy network) are registered here too, so DDP averages their gradients as well.
-    """
-
-    def __init__(self, model: nn.Module, strategy: Any, forward: Callable, params: Sequence[nn.Parameter]):
-        super().__init__()
-        self.model = model
-        inside = {id(p) for p in model.parameters()}
-        self.outside = nn.ParameterList([p for p in params if id(p) not in inside])
-        self._strategy, self._forward = strategy, forward
-
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logits = self._forward(self.model, batch)
-        return logits, self._strategy.penalty(self.model, batch, logits)
-
-
-def step_module(model: nn.Module, strategy: Any, forward: Callable, params: Sequence[nn.Parameter],
-                device: torch.device) -> nn.Module:
-    """The module a training step calls; wrapped in DistributedDataParallel when there are several processes.
+def wrap_step(step: nn.Module, device: torch.device) -> nn.Module:
+    """The training step's module, wrapped in DistributedDataParallel when there are several processes.
 
     Built anew with every optimizer, since DDP fixes at construction which parameters it averages and
     layer schedules change that between epochs. find_unused_parameters: a routing strategy may leave
     some trainable blocks out of a step's graph.
     """
-    step = StrategyStep(model, strategy, forward, params)
     if place().world_size == 1:
         return step
     device_ids = [device.index] if device.type == "cuda" else None

@@ -12,10 +12,11 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -56,6 +57,28 @@ class FitResult:
     precision: str
 
 
+class StrategyStep(nn.Module):
+    """What one training step computes before the backward pass: the strategy's forward, watched by its
+    regularizer terms, then its penalties. One module call, so DDP (distributed.wrap_step) averages the
+    gradient of everything in the loss, penalties and routing included.
+
+    `params` are the optimizer's parameters; any that live outside the model (a strategy's own
+    decision network) are registered here too, so DDP averages their gradients as well.
+    """
+
+    def __init__(self, model: nn.Module, strategy: Strategy, forward: Callable, params: Sequence[nn.Parameter]):
+        super().__init__()
+        self.model = model
+        inside = {id(p) for p in model.parameters()}
+        self.outside = nn.ParameterList([p for p in params if id(p) not in inside])
+        self._strategy, self._forward = strategy, forward
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self._strategy.observing(self.model):
+            logits = self._forward(self.model, batch)
+        return logits, self._strategy.penalty(self.model, batch, logits)
+
+
 class Trainer:
     def __init__(self, model: TransferModel, strategy: Strategy, train_loader, val_loader, test_loader,
                  cfg: DictConfig, run_dir: Path, tracker: Optional[Tracker] = None):
@@ -87,11 +110,7 @@ class Trainer:
         self.tracker.start(self.cfg, finished=read_jsonl(self.metrics_path))
         val: dict[str, float] = {}
         for epoch in range(state.epoch, int(self.tcfg.max_epochs)):
-            rebuild = self.strategy.on_epoch_start(epoch, self.model)
-            if self.optimizer is None or rebuild:
-                carried = state_by_name(self.optimizer, self.model) if self.optimizer else carried_optimizer_state
-                self._build_optimizer(carried)
-
+            self.begin_epoch(epoch, carried_optimizer_state)
             started = time.perf_counter()
             train = self._train_epoch(epoch, state)
             train_time = time.perf_counter() - started
@@ -154,36 +173,6 @@ class Trainer:
             (("train", self.train_loader), ("val", self.val_loader), ("test", self.test_loader)))
         self.forward = torch.compile(self.strategy.forward) if self.tcfg.compile else self.strategy.forward
 
-    def _train_step(self, batch: dict, state: TrainState, trainable: list[torch.Tensor]) -> tuple:
-        """One optimizer step on one batch (benchmarks time exactly this); returns the batch on the
-        device, the logits, the total loss and the penalty terms."""
-        optimizer = self.optimizer
-        set_learning_rates(optimizer, lr_factor(state.step, self.total_steps, self.steps_per_epoch, self.sched))
-        batch = to_device(batch, self.device, self.channels_last)
-        with autocast(self.device, self.precision):
-            logits, penalties = self.step_module(batch)  # strategy forward + penalties (DDP-wrapped: averaged)
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-            total = loss + sum(penalties.values()) if penalties else loss
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        if self.grad_clip:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, float(self.grad_clip))
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        state.step += 1
-        return batch, logits, total, penalties
-
-    def _count_steps(self) -> None:
-        batches = len(self.train_loader)
-        self.steps_per_epoch = min(batches, self.tcfg.max_train_batches or batches)
-        self.total_steps = int(self.tcfg.max_epochs) * self.steps_per_epoch
-
-    def _evaluate(self, loader) -> dict[str, float]:
-        """Loss and accuracy over the whole split (each process evaluates its shard; the sums are added)."""
-        result = evaluate(self.model, self.strategy, loader, self.device, self.precision, self.tcfg.max_eval_batches)
-        return distributed.merge_evaluation(result, self.device)
-
     # ---------------------------------------------------------------------------------------------
     def _start_or_resume(self) -> tuple[TrainState, dict]:
         saved, self._saved = self._saved, None
@@ -201,20 +190,25 @@ class Trainer:
             write_jsonl(self.metrics_path, kept)
         return state, saved["optimizer"]
 
-    def _build_optimizer(self, carried_state: dict) -> None:
+    def begin_epoch(self, epoch: int, carried_optimizer_state: Optional[dict] = None) -> None:
+        """Let the strategy change what trains, and (re)build the optimizer when it did or none exists yet,
+        carrying the optimizer state of parameters that keep training (by name)."""
+        rebuild = self.strategy.on_epoch_start(epoch, self.model)
+        if self.optimizer is not None and not rebuild:
+            return
+        carried = state_by_name(self.optimizer, self.model) if self.optimizer else (carried_optimizer_state or {})
         groups = self.strategy.param_groups(self.model, float(self.cfg.optim.lr))
         if not groups:
             raise TransferCliError("nothing to train: the strategy froze every layer group, the head included")
         self.optimizer = build_optimizer(groups, self.cfg.optim)
-        load_state_by_name(self.optimizer, self.model, carried_state)
-        self.step_module = distributed.step_module(self.model, self.strategy, self.forward,
-                                                   [p for g in groups for p in g["params"]], self.device)
+        load_state_by_name(self.optimizer, self.model, carried)
+        self.trainable = [p for g in groups for p in g["params"]]
+        self.step_module = distributed.wrap_step(StrategyStep(self.model, self.strategy, self.forward, self.trainable),
+                                                 self.device)
 
     def _train_epoch(self, epoch: int, state: TrainState) -> dict[str, Any]:
-        model, optimizer = self.model, self.optimizer
-        model.train()
+        self.model.train()
         self.train_loader.set_epoch(epoch)
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
         losses: list[torch.Tensor] = []
         penalty_sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -222,7 +216,7 @@ class Trainer:
         started = time.perf_counter()
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not self._progress())
         for i, batch in enumerate(islice(self.train_loader, self.steps_per_epoch)):
-            batch, logits, total, penalties = self._train_step(batch, state, trainable)
+            batch, logits, total, penalties = self.train_step(batch, state)
             losses.append(total.detach())
             for name, value in penalties.items():
                 penalty_sums[name] = penalty_sums.get(name, 0) + value.detach().float()
@@ -250,6 +244,26 @@ class Trainer:
             "samples": samples,
         }
 
+    def train_step(self, batch: dict, state: TrainState) -> tuple:
+        """One optimizer step on one batch (benchmarks time exactly this); returns the batch on the
+        device, the logits, the total loss and the penalty terms."""
+        optimizer = self.optimizer
+        set_learning_rates(optimizer, lr_factor(state.step, self.total_steps, self.steps_per_epoch, self.sched))
+        batch = to_device(batch, self.device, self.channels_last)
+        with autocast(self.device, self.precision):
+            logits, penalties = self.step_module(batch)  # strategy forward + penalties (DDP-wrapped: averaged)
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+            total = loss + sum(penalties.values()) if penalties else loss
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, float(self.grad_clip))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        state.step += 1
+        return batch, logits, total, penalties
+
     def _check_finite(self, losses: list[torch.Tensor], epoch: int, step: int) -> None:
         finite = torch.isfinite(torch.stack(losses))
         if bool(finite.all()):
@@ -260,6 +274,11 @@ class Trainer:
             f"the loss became NaN/inf at step {bad_step} (epoch {epoch}); training stopped, last good checkpoint: "
             f"{kept}; lower optim.lr or set trainer.grad_clip"
         )
+
+    def _evaluate(self, loader) -> dict[str, float]:
+        """Loss and accuracy over the whole split (each process evaluates its shard; the sums are added)."""
+        result = evaluate(self.model, self.strategy, loader, self.device, self.precision, self.tcfg.max_eval_batches)
+        return distributed.merge_evaluation(result, self.device)
 
     def _track_best(self, state: TrainState, epoch: int, val: dict[str, float]) -> bool:
         """Best epoch = highest validation accuracy, ties broken by lower validation loss."""
@@ -282,6 +301,11 @@ class Trainer:
             "rng": rng_state(),
             "train_state": asdict(state),
         })
+
+    def _count_steps(self) -> None:
+        batches = len(self.train_loader)
+        self.steps_per_epoch = min(batches, self.tcfg.max_train_batches or batches)
+        self.total_steps = int(self.tcfg.max_epochs) * self.steps_per_epoch
 
     def _progress(self) -> bool:
         setting = self.tcfg.progress

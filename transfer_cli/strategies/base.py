@@ -1,18 +1,25 @@
 """The Strategy interface: the only way a transfer method talks to the training loop.
 
 The loop calls these hooks and never asks which strategy it runs. A strategy that only decides
-what trains overrides `setup` / `on_epoch_start`; a regulariser adds `penalty`; a router overrides
-`forward`.
+what trains overrides `setup` / `on_epoch_start`; a router overrides `forward`. What is added to the
+loss are regularizer terms (`regularizers/base.py`) the strategy holds: the base class sets them up,
+lets them observe the training forward pass, adds their penalties and keeps their state, so every
+strategy can carry any of them.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 from omegaconf import DictConfig
 
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel
+from transfer_cli.errors import TransferCliError
 from transfer_cli.registry import Registry
+
+if TYPE_CHECKING:
+    from transfer_cli.strategies.regularizers.base import Regularizer
 
 STRATEGIES: Registry["Strategy"] = Registry("strategy")
 
@@ -23,6 +30,10 @@ class Strategy:
     Args:
         cfg: the `strategy` config node (its fields are this strategy's hyperparameters).
         optim: the `optim` config node; `head_lr_mult` and `layer_decay` shape the per-group rates.
+        regularizers: the loss terms this run adds (`build_strategy` makes them from the config).
+
+    Subclasses that override `setup`, `penalty`, `state_dict` or `load_state_dict` call the base
+    method too, so the terms keep working.
     """
 
     #: True when the model's body should keep the pretrained weights (False: random init).
@@ -30,14 +41,35 @@ class Strategy:
     #: what `transfer-cli export` must tell the user when the exported body is not the whole trained
     #: model (None: it is)
     export_caveat: str | None = None
+    #: why this strategy cannot hold regularizer terms (None: it can)
+    refuses_regularizers: str | None = None
 
-    def __init__(self, cfg: DictConfig, optim: DictConfig):
+    def __init__(self, cfg: DictConfig, optim: DictConfig, regularizers: Sequence["Regularizer"] = ()):
         self.cfg = cfg
         self.head_lr_mult = float(optim.get("head_lr_mult", 1.0))
         self.layer_decay = float(optim.get("layer_decay", 1.0))
+        if regularizers and self.refuses_regularizers:
+            raise TransferCliError(f"strategy={cfg.name} cannot hold regularizers "
+                                   f"({', '.join(r.name for r in regularizers)}): {self.refuses_regularizers}")
+        self.regularizers = list(regularizers)
+
+    @classmethod
+    def own_regularizers(cls, cfg: DictConfig) -> list["Regularizer"]:
+        """The terms this strategy is made of, from its own config (strategy=l2sp: the l2sp term)."""
+        return []
+
+    def regularizer(self, name: str) -> "Regularizer":
+        """The held term called `name`."""
+        for term in self.regularizers:
+            if term.name == name:
+                return term
+        raise KeyError(name)
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
-        """Prepare the model before the first epoch (freeze, snapshot θ0, build policy nets, ...)."""
+        """Prepare the model before the first epoch (freeze, build policy nets, prune, ...). Subclasses
+        do their own work first, then call this, which sets up the terms on the finished model."""
+        for term in self.regularizers:
+            term.setup(model, train_loader, device)
 
     def wrap_loader(self, split: str, loader: Any) -> Any:
         """The loader the loop iterates for `split` (train, val or test), after `setup`; feature caching
@@ -63,6 +95,8 @@ class Strategy:
                 depth_below_head = len(body) - body.index(name) - 1
                 group_lr = lr / (self.layer_decay**depth_below_head)
             groups.append({"name": name, "params": params, "lr": group_lr})
+        if any(term.replaces_weight_decay for term in self.regularizers):
+            groups = [{**g, "weight_decay": 0.0} for g in groups]
         return groups
 
     def on_epoch_start(self, epoch: int, model: TransferModel) -> bool:
@@ -81,17 +115,32 @@ class Strategy:
     def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
         return model(batch)
 
+    @contextmanager
+    def observing(self, model: TransferModel) -> Iterator[None]:
+        """Around a training forward pass: the terms keep what their penalties need (features, maps)."""
+        with ExitStack() as stack:
+            for term in self.regularizers:
+                stack.enter_context(term.observe(model))
+            yield
+
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Extra loss terms by name; they are added to the task loss and logged per epoch."""
-        return {}
+        terms: dict[str, torch.Tensor] = {}
+        for term in self.regularizers:
+            terms.update(term.penalty(model, batch, logits))
+        return terms
 
     def results(self) -> dict[str, Any]:
         """Sections this strategy adds to results.json (TransTailor: `pruning`); none by default."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {"regularizers": {term.name: term.state_dict() for term in self.regularizers}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`. Resume and `eval` call it before `setup`, which must then build from the
         restored state (θ0, attention, a pruned structure) instead of computing it afresh."""
+        saved = state.get("regularizers", {})
+        for term in self.regularizers:
+            if term.name in saved:
+                term.load_state_dict(saved[term.name])

@@ -20,15 +20,15 @@ import torch
 
 from transfer_cli.backbones.model import HEAD, TransferModel
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.schedule import LayerSchedule, positive_int
+from transfer_cli.strategies.schedules.schedule import LayerSchedule, positive_int
 
 
 @STRATEGIES.register("chain_thaw")
 class ChainThaw(LayerSchedule):
     """Head, then each body group alone (lowest first), then everything, each stage early-stopped."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg, optim, regularizers=()):
+        super().__init__(cfg, optim, regularizers)
         self.epochs_per_stage = None if cfg.epochs_per_stage is None else positive_int(cfg, "epochs_per_stage")
         self.patience = positive_int(cfg, "patience")
         self.next_lr_mult = float(cfg.next_lr_mult)
@@ -69,10 +69,12 @@ class ChainThaw(LayerSchedule):
         self.epochs_in_stage, self.since_best, self.best_loss, self.best_weights = 0, 0, math.inf, None
         return self.stage == len(self.stages(model))
 
+    STATE = ("stage", "epochs_in_stage", "since_best", "best_loss", "best_weights", "restore")
+
     def state_dict(self) -> dict[str, Any]:
-        keys = ("stage", "epochs_in_stage", "since_best", "best_loss", "best_weights", "restore")
-        return {key: getattr(self, key) for key in keys}
+        return {**super().state_dict(), **{key: getattr(self, key) for key in self.STATE}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        super().load_state_dict(state)
+        for key in self.STATE:
+            setattr(self, key, state[key])

@@ -9,15 +9,15 @@ from __future__ import annotations
 from transfer_cli.backbones.model import HEAD, TransferModel
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.schedule import LayerSchedule, positive_int
+from transfer_cli.strategies.schedules.schedule import LayerSchedule, positive_int
 
 
 @STRATEGIES.register("sequential_unfreeze")
 class SequentialUnfreeze(LayerSchedule):
     """Head for n epochs, all but the first body group for k more, then all groups."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg, optim, regularizers=()):
+        super().__init__(cfg, optim, regularizers)
         if cfg.aux_lm:
             raise TransferCliError("strategy.aux_lm=true (SiATL's auxiliary LM loss) is not supported yet; "
                                    "set strategy.aux_lm=false")

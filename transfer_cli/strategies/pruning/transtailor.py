@@ -39,7 +39,7 @@ from transfer_cli.backbones.model import TransferModel
 from transfer_cli.engine.device import to_device
 from transfer_cli.engine.evaluate import evaluate
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies import pruning, pruning_transformer
+from transfer_cli.strategies.pruning import cnn, transformer
 from transfer_cli.strategies.base import STRATEGIES, Strategy
 
 TARGETS = ("filters", "params", "flops")
@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 class TransTailor(Strategy):
     """Target-aware filter pruning with learned scaling factors, then fine-tuning of the pruned model."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg, optim, regularizers=()):
+        super().__init__(cfg, optim, regularizers)
         prune = cfg.prune
         self.target = str(prune.target)
         self.ratio = float(prune.ratio)
@@ -67,34 +67,36 @@ class TransTailor(Strategy):
             raise TransferCliError(f"strategy.prune.ratio={self.ratio} must be in (0, 1): the fraction to remove")
         if not 0 < self.step <= 1:
             raise TransferCliError(f"strategy.prune.step={self.step} must be in (0, 1]: filters removed per round")
-        self.history: Optional[list[pruning.HistoryEntry]] = None  # None: stage 1 has not run
+        self.history: Optional[list[cnn.HistoryEntry]] = None  # None: stage 1 has not run
         self.summary: dict[str, Any] = {}
-        self.ops: Any = pruning  # the pruning module for the model's kind, chosen in setup
+        self.ops: Any = cnn  # the pruning module for the model's kind, chosen in setup
 
     @staticmethod
     def _ops(model: TransferModel) -> Any:
         """Convolution channels for image models, heads and FFN units for text encoders."""
-        return pruning_transformer if model.modality == "text" else pruning
+        return transformer if model.modality == "text" else cnn
 
     # ---- hooks ---------------------------------------------------------------------------------
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         self.ops = ops = self._ops(model)
         if self.history is not None:  # resumed or evaluated: rebuild the structure, weights come next
             ops.replay(model, self.history)
-            return
-        before = {"params": pruning.count_params(model), "flops": ops.count_flops(model)}
-        rounds = self._prune(model, train_loader, device)
-        after = {"params": pruning.count_params(model), "flops": ops.count_flops(model)}
-        self.summary = {"params_before": before["params"], "params_after": after["params"],
-                        "flops_before": before["flops"], "flops_after": after["flops"], **rounds}
+        else:
+            before = {"params": cnn.count_params(model), "flops": ops.count_flops(model)}
+            rounds = self._prune(model, train_loader, device)
+            after = {"params": cnn.count_params(model), "flops": ops.count_flops(model)}
+            self.summary = {"params_before": before["params"], "params_after": after["params"],
+                            "flops_before": before["flops"], "flops_after": after["flops"], **rounds}
+        super().setup(model, train_loader, device)  # terms see the pruned network
 
     def results(self) -> dict[str, Any]:
         return {"pruning": dict(self.summary)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "summary": self.summary}
+        return {**super().state_dict(), "history": self.history, "summary": self.summary}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
         self.history = None if state.get("history") is None else [tuple(e) for e in state["history"]]
         self.summary = dict(state.get("summary", {}))
 
@@ -113,7 +115,7 @@ class TransTailor(Strategy):
         reference_acc = self._accuracy(model, loader, device) if self.max_acc_drop is not None else None
         reductions, stop = [], "target"
         while not reductions or reductions[-1] < self.ratio:
-            importance = pruning.taylor_importance(alpha.alpha, self._alpha_grad(model, alpha, loader, device))
+            importance = cnn.taylor_importance(alpha.alpha, self._alpha_grad(model, alpha, loader, device))
             count = self._round_size(groups, filters_before, start)
             removed, early = self._round(model, graph, alpha, importance, count, start, reference_acc, loader, device)
             groups = ops.channel_groups(model, graph)
@@ -132,16 +134,16 @@ class TransTailor(Strategy):
         return {"target": self.target, "ratio": self.ratio, "reduction_per_round": reductions, "stopped_by": stop,
                 "filters_before": filters_before, "filters_after": sum(g.size for g in groups)}
 
-    def _measure(self, model: TransferModel, groups: list[pruning.ChannelGroup]) -> float:
+    def _measure(self, model: TransferModel, groups: list[cnn.ChannelGroup]) -> float:
         if self.target == "filters":
             return float(sum(g.size for g in groups))
-        return float(pruning.count_params(model) if self.target == "params" else self.ops.count_flops(model))
+        return float(cnn.count_params(model) if self.target == "params" else self.ops.count_flops(model))
 
     @staticmethod
     def _reduction(start: float, now: float) -> float:
         return 1.0 - now / start
 
-    def _round_size(self, groups: list[pruning.ChannelGroup], filters_before: int, start: float) -> int:
+    def _round_size(self, groups: list[cnn.ChannelGroup], filters_before: int, start: float) -> int:
         """Filters to remove this round: a `step` fraction of the prunable filters the model started
         with (so there are at most 1/step rounds); for a filters target no more than it needs (params
         and FLOPs are measured after each round instead)."""
@@ -159,7 +161,7 @@ class TransTailor(Strategy):
         size = count if self.target == "filters" else max(1, math.ceil(count / CHUNKS))
         removed = 0
         while removed < count:
-            plan = pruning.least_important(importance, min(size, count - removed))
+            plan = cnn.least_important(importance, min(size, count - removed))
             if not plan:
                 return removed, "every layer is down to one filter"
             if reference_acc is not None and self._masked_drop(model, alpha, plan, loader, device, reference_acc):
@@ -171,7 +173,7 @@ class TransTailor(Strategy):
                 break
         return removed, None
 
-    def _remove(self, model, graph, alpha: pruning.ScalingFactors,
+    def _remove(self, model, graph, alpha: cnn.ScalingFactors,
                 plan: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
         """Remove `plan`'s filters, narrow α to match; returns each pruned group's mask of kept filters."""
         alpha.remove()
@@ -190,7 +192,7 @@ class TransTailor(Strategy):
         for batch in loader:
             yield to_device(batch, device)
 
-    def _train_alpha(self, model, alpha: pruning.ScalingFactors, loader, device, epochs: int, epoch: int) -> int:
+    def _train_alpha(self, model, alpha: cnn.ScalingFactors, loader, device, epochs: int, epoch: int) -> int:
         """α and the head train, the pretrained body is frozen (BatchNorm statistics too: eval mode)."""
         params = alpha.parameters() + list(model.head.parameters())
         optimizer = torch.optim.SGD(params, lr=float(self.cfg.alpha.lr), momentum=float(self.cfg.alpha.momentum))
@@ -204,7 +206,7 @@ class TransTailor(Strategy):
             epoch += 1
         return epoch
 
-    def _alpha_grad(self, model, alpha: pruning.ScalingFactors, loader, device) -> dict[str, torch.Tensor]:
+    def _alpha_grad(self, model, alpha: cnn.ScalingFactors, loader, device) -> dict[str, torch.Tensor]:
         """∂L/∂α of the mean training loss over one pass (batches weighted by size)."""
         model.eval()
         for a in alpha.parameters():

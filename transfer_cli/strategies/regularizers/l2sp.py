@@ -1,10 +1,11 @@
 """L2-SP (Li, Grandvalet & Davoine, ICML 2018): pull the body towards its starting point w⁰, not zero.
 
 Ω(w) = α/2·‖w_S − w⁰_S‖² + β/2·‖w_S̄‖², S the pretrained (body) parameters, S̄ the new head. Ω replaces
-weight decay, so every group L2-SP sees gets weight_decay=0. As in TLlib's `SPRegularization`, each
+weight decay, so every optimizer group gets weight_decay=0. As in TLlib's `SPRegularization`, each
 term is ½‖·‖² (so the gradient is α(w − w⁰)) and the body term covers every body parameter,
 normalisation scales and shifts included; `bn_affine: false` leaves those out (unregularised).
-w⁰ is snapshot once in `setup` and saved with the strategy; a resume or `eval` loads it before `setup`,
+Only parameters that train at a step are in the term (a frozen group adds nothing).
+w⁰ is snapshot once in `setup` and saved with the term; a resume or `eval` loads it before `setup`,
 which then keeps it: the true starting point, not the moved weights the model is rebuilt with.
 """
 from __future__ import annotations
@@ -15,9 +16,8 @@ import torch
 from torch import nn
 
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel
-from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.bss import SpectralShrinkage
-from transfer_cli.strategies.penalties import squared_distance
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer
+from transfer_cli.strategies.regularizers.terms import squared_distance
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
@@ -29,17 +29,18 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
             for p_name, _ in m.named_parameters(recurse=False)}
 
 
-@STRATEGIES.register("l2sp")
-class L2SP(SpectralShrinkage):
-    """Fine-tuning with α/2‖w_S − w⁰_S‖² + β/2‖w_head‖² in place of weight decay."""
+@REGULARIZERS.register("l2sp")
+class L2SP(Regularizer):
+    """α/2‖w_S − w⁰_S‖² on the body + β/2‖w_head‖² on the head, in place of weight decay."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    replaces_weight_decay = True
+
+    def __init__(self, name, cfg):
+        super().__init__(name, cfg)
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
         self.theta0: dict[str, torch.Tensor] = {}
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
-        super().setup(model, train_loader, device)
         if self.theta0:  # restored from a checkpoint
             self.theta0 = {n: w0.to(device) for n, w0 in self.theta0.items()}
             return
@@ -48,21 +49,16 @@ class L2SP(SpectralShrinkage):
         self.theta0 = {n: params[n].detach().clone() for g in model.body_group_names()
                        for n in model.group(g).parameter_names if n not in skip}
 
-    def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
-        return [{**g, "weight_decay": 0.0} for g in super().param_groups(model, lr)]
-
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = super().penalty(model, batch, logits)
         params = dict(model.named_parameters())
         body = [(params[n], w0) for n, w0 in self.theta0.items() if params[n].requires_grad]
         head = [p for p in model.group(HEAD).parameters(model) if p.requires_grad]
-        terms["l2sp"] = (self.alpha / 2 * squared_distance([p for p, _ in body], [w0 for _, w0 in body])
-                         + self.beta / 2 * squared_distance(head))
-        return terms
+        return {self.name: (self.alpha / 2 * squared_distance([p for p, _ in body], [w0 for _, w0 in body])
+                            + self.beta / 2 * squared_distance(head))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta0": self.theta0}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        device = next(iter(self.theta0.values())).device if self.theta0 else None
+        device = next(iter(self.theta0.values())).device if self.theta0 else None  # after setup: keep its device
         self.theta0 = {n: w0.to(device) for n, w0 in state["theta0"].items()}

@@ -1,6 +1,6 @@
 """Structural pruning of BERT-like encoders: attention heads and FFN (intermediate) units, exactly.
 
-The counterpart of `pruning` (convolution channels) for `modality == "text"` models, with the same
+The counterpart of `cnn` (convolution channels) for `modality == "text"` models, with the same
 functions so TransTailor runs either. Each encoder layer has two groups: its attention heads (α scales
 each head's slice of the context vector on its way into the attention output dense) and its FFN units
 (α scales each intermediate activation on its way into the output dense). Both α act on the input
@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transfer_cli.backbones.model import TransferModel
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies import pruning
-from transfer_cli.strategies.pruning import HistoryEntry
+from transfer_cli.strategies.pruning import cnn
+from transfer_cli.strategies.pruning.cnn import HistoryEntry
 
 #: FLOPs are counted for one sequence of this many tokens (the run's data.max_length is not known here)
 FLOP_TOKENS = 128
@@ -81,7 +81,7 @@ def channel_groups(model: TransferModel, graph: UnitGraph) -> list[UnitGroup]:
     return groups
 
 
-class ScalingFactors(pruning.ScalingFactors):
+class ScalingFactors(cnn.ScalingFactors):
     """α per head / FFN unit, multiplying the reader's input columns (a forward pre-hook)."""
 
     def attach(self, groups: Sequence[UnitGroup]) -> None:

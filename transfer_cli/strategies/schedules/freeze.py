@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from omegaconf import ListConfig
 
-from transfer_cli.backbones.model import Batch, TransferModel
+from transfer_cli.backbones.model import TransferModel
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.base import STRATEGIES, Strategy
-from transfer_cli.strategies.feature_cache import FeatureCache, frozen_prefix
-from transfer_cli.strategies.schedule import freezes_bn
+from transfer_cli.strategies.base import STRATEGIES
+from transfer_cli.strategies.schedules.feature_cache import frozen_prefix
+from transfer_cli.strategies.schedules.schedule import LayerSchedule, train_exactly
 
 
 def frozen_group_names(model: TransferModel, spec: Any) -> list[str]:
@@ -35,27 +35,20 @@ def frozen_group_names(model: TransferModel, spec: Any) -> list[str]:
 
 
 @STRATEGIES.register("freeze")
-class Freeze(Strategy):
+class Freeze(LayerSchedule):
     """Freeze the body (linear probe) or its bottom k groups and train the rest.
 
-    `cache_features` (see feature_cache.py): the frozen bottom groups run once per example.
+    The simplest schedule: the same groups train at every epoch. `cache_features` (see feature_cache.py):
+    the frozen bottom groups run once per example.
     """
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
-        self.cache = FeatureCache(cfg.get("cache_features", False))
+    def trainable_at(self, epoch: int, model: TransferModel) -> list[str]:
+        frozen = set(frozen_group_names(model, self.cfg.groups))
+        return [name for name in model.group_names() if name not in frozen]
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
-        freeze_bn = freezes_bn(self.cfg)
-        for name in frozen_group_names(model, self.cfg.groups):
-            model.set_trainable(name, False, freeze_bn=freeze_bn)
+        train_exactly(model, self.trainable_at(0, model), self.freeze_bn)
         if self.cache.required and not frozen_prefix(model):
             raise TransferCliError(f"strategy.cache_features=true, but strategy.groups={self.cfg.groups} freezes no "
                                    "bottom group, so there is nothing to cache; freeze the bottom k groups or the body")
-        self.cache.bind(model, device)
-
-    def wrap_loader(self, split: str, loader: Any) -> Any:
-        return self.cache.wrap(split, loader)
-
-    def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
-        return self.cache.forward(model, batch)
+        super().setup(model, train_loader, device)

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from transfer_cli.backbones.model import TransferModel
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.schedule import LayerSchedule, positive_int
+from transfer_cli.strategies.schedules.schedule import LayerSchedule, positive_int
 
 
 @STRATEGIES.register("gradual_unfreeze")
 class GradualUnfreeze(LayerSchedule):
     """Epoch e trains the top 1 + e // unfreeze_every groups (the head counts as one)."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg, optim, regularizers=()):
+        super().__init__(cfg, optim, regularizers)
         self.unfreeze_every = positive_int(cfg, "unfreeze_every")
 
     def trainable_at(self, epoch: int, model: TransferModel) -> list[str]:

@@ -41,7 +41,8 @@ from torch import nn
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.routing import Decider, RoutedStrategy, Site, pooled
+from transfer_cli.strategies.routing.routed import RoutedStrategy
+from transfer_cli.strategies.routing.sites import Decider, Site, pooled
 
 
 class _PolicyBlock(nn.Module):
@@ -115,8 +116,8 @@ class Policy(Decider):
 class SpotTune(RoutedStrategy):
     """Route each example through the frozen or the fine-tuned copy of every block, by a policy network."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg, optim, regularizers=()):
+        super().__init__(cfg, optim, regularizers)
         if float(cfg.temperature) <= 0:
             raise TransferCliError(f"strategy.temperature={cfg.temperature} must be positive")
 

@@ -31,7 +31,8 @@ from torch import nn
 
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.routing import Decider, RoutedStrategy, Site, pooled
+from transfer_cli.strategies.routing.routed import RoutedStrategy
+from transfer_cli.strategies.routing.sites import Decider, Site, pooled
 
 
 def binary_straight_through(probability: torch.Tensor) -> torch.Tensor:

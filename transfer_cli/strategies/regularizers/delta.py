@@ -22,8 +22,9 @@ and the same numbers (tested).
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from itertools import islice
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,8 @@ from torch import nn
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel
 from transfer_cli.engine.device import to_device
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.bss import SpectralShrinkage
-from transfer_cli.strategies.penalties import (attended_feature_distance, channel_count, channel_dim,
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer, config_key
+from transfer_cli.strategies.regularizers.terms import (attended_feature_distance, channel_count, channel_dim,
                                                  squared_distance)
 
 ATTENTION_TEMPERATURE = 5.0  # softmax(d / 5), DELTA's paper and TLlib
@@ -121,12 +121,15 @@ def channel_attention(reference: TransferModel, layers: list[str], loader: Any, 
             for d in increases]
 
 
-@STRATEGIES.register("delta")
-class Delta(SpectralShrinkage):
-    """Fine-tuning with attention-weighted feature-map distance to the pretrained model."""
+@REGULARIZERS.register("delta")
+class Delta(Regularizer):
+    """α·attention-weighted distance of feature maps to the pretrained model's + β/2‖w_head‖², no weight decay."""
 
-    def __init__(self, cfg, optim):
-        super().__init__(cfg, optim)
+    replaces_weight_decay = True
+    needs_inputs = True  # the reference model runs on each batch's raw inputs
+
+    def __init__(self, name, cfg):
+        super().__init__(name, cfg)
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)
         self.layers: list[str] = []
         self.reference: TransferModel | None = None
@@ -135,14 +138,14 @@ class Delta(SpectralShrinkage):
         self._restored: Mapping[str, Any] | None = None  # state loaded before setup (resume, eval)
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
-        super().setup(model, train_loader, device)
         body = model.body_group_names()
         self.layers = [str(n) for n in self.cfg.layers] if self.cfg.layers else body[1:]
         for name in self.layers:
             if name not in body:
-                raise TransferCliError(f"strategy.layers: {name!r} is not a body group; this model has: {', '.join(body)}")
+                raise TransferCliError(f"{config_key(self.cfg, 'layers')}: {name!r} is not a body group; "
+                                       f"this model has: {', '.join(body)}")
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if self._restored is not None:  # resume / eval: the saved θ⁰ and attention, not recomputed
+        if self._restored is not None:  # resume / eval: the saved reference and attention, not recomputed
             restored, self._restored = self._restored, None
             self.load_state_dict(restored)
             return
@@ -162,15 +165,11 @@ class Delta(SpectralShrinkage):
             maps = self.reference.feature_maps(batch, self.layers)
         return [torch.full((channel_count(maps[n]),), 1 / channel_count(maps[n]), device=device) for n in self.layers]
 
-    def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
-        return [{**g, "weight_decay": 0.0} for g in super().param_groups(model, lr)]
-
-    def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
-        if not model.training:
-            return super().forward(model, batch)
+    @contextmanager
+    def observe(self, model: TransferModel) -> Iterator[None]:
         handles = [output_hook(model.group(n).modules[-1], self._keep(n)) for n in self.layers]
         try:
-            return super().forward(model, batch)
+            yield
         finally:
             for h in handles:
                 h.remove()
@@ -182,15 +181,15 @@ class Delta(SpectralShrinkage):
         return fn
 
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = super().penalty(model, batch, logits)
         with torch.no_grad():
             reference = self.reference.feature_maps(batch, self.layers)
         current, self._maps = self._maps, {}
-        terms["delta"] = self.alpha * attended_feature_distance(
-            [current[n] for n in self.layers], [reference[n] for n in self.layers], self.attention)
         head = [p for p in model.group(HEAD).parameters(model) if p.requires_grad]
-        terms["delta_head"] = self.beta / 2 * squared_distance(head)
-        return terms
+        return {
+            self.name: self.alpha * attended_feature_distance(
+                [current[n] for n in self.layers], [reference[n] for n in self.layers], self.attention),
+            f"{self.name}_head": self.beta / 2 * squared_distance(head),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"attention": self.attention, "reference": self.reference.state_dict()}

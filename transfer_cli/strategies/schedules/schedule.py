@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import Strategy
-from transfer_cli.strategies.feature_cache import FeatureCache
+from transfer_cli.strategies.schedules.feature_cache import FeatureCache
 
 
 def freezes_bn(cfg: DictConfig) -> bool:
@@ -43,16 +43,27 @@ class LayerSchedule(Strategy):
     """A strategy whose trainable groups follow a schedule; subclasses say which train when.
 
     While the bottom groups are frozen their outputs are cached (`cache_features`, feature_cache.py),
-    a new cache for each stage's frozen prefix.
+    a new cache for each stage's frozen prefix, unless a regularizer term needs the raw inputs (DELTA).
     """
 
-    def __init__(self, cfg: DictConfig, optim: DictConfig):
-        super().__init__(cfg, optim)
+    def __init__(self, cfg: DictConfig, optim: DictConfig, regularizers: Sequence[Any] = ()):
+        super().__init__(cfg, optim, regularizers)
         self.freeze_bn = freezes_bn(cfg)
-        self.cache = FeatureCache(cfg.get("cache_features", False))
+        self.cache = FeatureCache(self._cache_setting(cfg.get("cache_features", False)))
+
+    def _cache_setting(self, setting: Any) -> Any:
+        """cache_features, turned off when a term runs on the raw inputs the cache replaces."""
+        needing = [term.name for term in self.regularizers if term.needs_inputs]
+        if not needing:
+            return setting
+        if setting is True:
+            raise TransferCliError(f"strategy.cache_features=true cannot serve regularizer {needing[0]}, which runs "
+                                   "the pretrained model on each batch's inputs; set strategy.cache_features=auto")
+        return False
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         self.cache.bind(model, device)
+        super().setup(model, train_loader, device)
 
     def wrap_loader(self, split: str, loader: Any) -> Any:
         return self.cache.wrap(split, loader)

@@ -1,0 +1,1 @@
+"""Per-example routing between frozen and fine-tuned copies of the body's blocks: SpotTune, AdaFilter."""
