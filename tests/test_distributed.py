@@ -160,7 +160,7 @@ def test_test_metrics_are_those_of_the_whole_test_set_and_only_rank_0_writes(two
 
 
 def test_torchrun_cli_writes_one_run_folder_with_global_results(tmp_path):
-    from transfer_cli.cli import run_config
+    from transfer_cli.run_folder import run_config
     from transfer_cli.engine.evaluate_run import evaluate_run
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

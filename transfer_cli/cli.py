@@ -19,12 +19,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.config_files import CONFIG_DIR, config_options, config_summary
 from transfer_cli.errors import TransferCliError
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-
-OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
+from transfer_cli.run_folder import RunFolder, run_config
 
 USAGE = """usage: transfer-cli COMMAND [ARGS]
 
@@ -224,10 +221,6 @@ def _closest_key(key: str) -> str | None:
     return f"{parent}.{match[0]}" if match and parent else (match[0] if match else None)
 
 
-def config_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
-
-
 # ---- list ------------------------------------------------------------------------------------
 def list_command(args: list[str]) -> None:
     if len(args) != 1 or args[0] not in GROUP_OF_LIST:
@@ -237,14 +230,6 @@ def list_command(args: list[str]) -> None:
     width = max(len(n) for n in names)
     for name in names:
         print(f"{name:<{width}}  {config_summary(group, name)}")
-
-
-def config_summary(group: str, name: str) -> str:
-    """A config file's first comment line: the one-line description `list` prints."""
-    for line in (CONFIG_DIR / group / f"{name}.yaml").read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
 
 
 # ---- eval and export -------------------------------------------------------------------------
@@ -261,19 +246,6 @@ def _parse_keyvalues(args: list[str], required: Sequence[str]) -> dict[str, str]
     return values
 
 
-def run_config(run_dir: Path, overrides: dict[str, str]) -> DictConfig:
-    """A finished run's recorded config (.hydra/config.yaml) with `overrides` (e.g. trainer.device) on top."""
-    config_file = run_dir / ".hydra" / "config.yaml"
-    if not config_file.exists():
-        raise TransferCliError(f"{run_dir} is not a run folder (no .hydra/config.yaml); pass run=<a folder under runs/>")
-    cfg = OmegaConf.load(config_file)
-    OmegaConf.set_struct(cfg, True)
-    try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
-    except Exception as err:  # omegaconf's errors for unknown keys and bad values
-        raise TransferCliError(f"bad override for this run: {str(err).splitlines()[0]}") from None
-
-
 def eval_command(args: list[str]) -> None:
     from transfer_cli.engine.evaluate_run import evaluate_run
 
@@ -281,7 +253,7 @@ def eval_command(args: list[str]) -> None:
     run_dir = Path(values.pop("run")).expanduser()
     result = evaluate_run(run_config(run_dir, values), run_dir)
     print(f"test acc1 {result['test']['acc1']:.4f}  loss {result['test']['loss']:.4f}  "
-          f"(checkpoint of epoch {result['epoch']})  -> {run_dir / 'eval.json'}")
+          f"(checkpoint of epoch {result['epoch']})  -> {RunFolder(run_dir).eval_file}")
 
 
 def export_command(args: list[str]) -> None:

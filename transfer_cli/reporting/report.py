@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from transfer_cli.analysis.output import markdown_table
-from transfer_cli.engine.sweep import FAILED, RESULTS
 from transfer_cli.errors import TransferCliError
-from transfer_cli.io import atomic_path, read_jsonl
+from transfer_cli.io import atomic_path
+from transfer_cli.run_folder import RunFolder, find_run_folders
 
 DEFAULT_METRIC = "test.acc1"
 SAMPLES_KEY = "data.samples_per_class"
@@ -65,7 +65,7 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise TransferCliError(f"{folder} is not a folder; give a run folder or a sweep folder (multirun/...)")
-        found = sorted(p.parent.parent for p in folder.rglob("config.yaml") if p.parent.name == ".hydra")
+        found = find_run_folders(folder)
         if not found:
             raise TransferCliError(f"no runs under {folder}: no .hydra/config.yaml there; give the folder of a "
                                    "`transfer-cli train` run or of a `train -m` sweep")
@@ -74,11 +74,10 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
 
 
 def load_run(folder: Path) -> Run:
-    results_file, failed_file = folder / RESULTS, folder / FAILED
-    results = json.loads(results_file.read_text()) if results_file.exists() else None
-    error = json.loads(failed_file.read_text()).get("error", "failed") if failed_file.exists() else None
-    return Run(folder, load_config(folder / ".hydra" / "config.yaml"), results, error,
-               read_jsonl(folder / "metrics.jsonl") if results is not None else [])
+    files = RunFolder(folder)
+    results = files.read_results()
+    return Run(folder, load_config(files.config_file), results, files.read_error(),
+               files.read_metrics() if results is not None else [])
 
 
 def load_config(path: Path) -> dict[str, Any]:
