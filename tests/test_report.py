@@ -16,8 +16,11 @@ from transfer_cli.cli import compose_config, main
 from transfer_cli.engine.sweep import record_failure
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json, write_jsonl
+from transfer_cli.reporting.grouping import default_keys
 from transfer_cli.reporting.plots import bar_chart, learning_curves, report_figures, samples_chart
-from transfer_cli.reporting.report import build_table, default_keys, find_runs, flatten, markdown
+from transfer_cli.reporting.render import markdown
+from transfer_cli.reporting.runs import find_runs, flatten
+from transfer_cli.reporting.table import build_table
 
 STRATEGIES = ["finetune", "scratch", "l2sp"]
 SAMPLES = [5, 10, 20]  # sorted as text this would be 10, 20, 5

@@ -20,19 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
+from transfer_cli.reporting.runs import flatten
 
 # results.json entries that are not numbers to plot (the config is logged on its own)
 NOT_FINAL_METRICS = ("config", "full_config", "versions")
 MLFLOW_POINTER = "mlflow_run.json"  # in the run folder: which MLflow run a resumed run continues
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params per log_batch call
-
-
-def flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """The report command's flattening ({"lr": {"head": 0.1}} -> {"lr.head": 0.1}), imported only when a
-    tracker runs: the report module brings matplotlib, which a plain training run does not need."""
-    from transfer_cli.reporting.report import flatten as flatten_tree
-
-    return flatten_tree(tree)
 
 
 def numeric(record: dict[str, Any], leave_out: tuple[str, ...] = ()) -> dict[str, float]:
