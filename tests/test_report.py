@@ -31,7 +31,7 @@ BASE = {"finetune": 0.6, "scratch": 0.3, "l2sp": 0.55}
 
 
 def fake_results(cfg, acc1: float, best_epoch: int, train_time: float) -> dict:
-    """A results.json with the structure transfer_cli.reporting.results.build_results writes."""
+    """A results.json with the structure transfer_cli.engine.results.build_results writes."""
     return {
         "config": {"strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
                    "seed": cfg.seed, "samples_per_class": cfg.data.samples_per_class, "num_classes": 10},

@@ -14,9 +14,9 @@ from transfer_cli.data import build_data, make_loader
 from transfer_cli.data.splits import DataBundle
 from transfer_cli.engine import distributed
 from transfer_cli.engine.loop import Trainer
+from transfer_cli.engine.results import build_results
 from transfer_cli.engine.seeding import seed_everything
 from transfer_cli.io import write_json
-from transfer_cli.reporting.results import build_results
 from transfer_cli.reporting.trackers import Tracker, open_tracker
 from transfer_cli.run_folder import RunFolder
 from transfer_cli.strategies import build_strategy
