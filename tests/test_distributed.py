@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from transfer_cli.data.loaders import TensorLoader
+from transfer_cli.data.tensor_batches import TensorLoader
 from transfer_cli.engine import distributed
 from transfer_cli.engine.evaluate import evaluate
 from transfer_cli.engine.loop import Trainer
