@@ -51,7 +51,7 @@ import timm
 import torch
 
 from transfer_cli.backbones import build_backbone
-from transfer_cli.cli import compose_config
+from transfer_cli.overrides import compose_config
 from transfer_cli.data.common import first_line
 from transfer_cli.data.tensor_batches import TensorLoader
 from transfer_cli.engine.device import resolve_device

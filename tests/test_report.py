@@ -12,10 +12,11 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from transfer_cli.cli import compose_config, main
+from transfer_cli.cli import main
 from transfer_cli.engine.sweep import record_failure
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json, write_jsonl
+from transfer_cli.overrides import compose_config
 from transfer_cli.reporting.grouping import default_keys
 from transfer_cli.reporting.plots import bar_chart, learning_curves, report_figures, samples_chart
 from transfer_cli.reporting.render import markdown

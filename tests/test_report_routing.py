@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.test_report import curve, fake_results
-from transfer_cli.cli import compose_config, main
+from transfer_cli.cli import main
 from transfer_cli.io import write_json, write_jsonl
+from transfer_cli.overrides import compose_config
 from transfer_cli.reporting.grouping import default_keys
 from transfer_cli.reporting.plots import report_figures, routing_chart
 from transfer_cli.reporting.runs import find_runs

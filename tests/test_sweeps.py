@@ -11,9 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.test_data import make_images
-from transfer_cli.cli import check_overrides, main
+from transfer_cli.cli import main
 from transfer_cli.engine.sweep import available_cpus, thread_share
 from transfer_cli.errors import TransferCliError
+from transfer_cli.overrides import check_overrides
 
 # two jobs: folder `a` exists, folder `b` does not (yet)
 SWEEP = ["train", "-m", "trainer=smoke", "trainer.device=cpu", "trainer.max_epochs=1", "data=imagefolder",
