@@ -12,7 +12,8 @@ from transfer_cli.engine.run import run_training
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
 from transfer_cli.overrides import compose_config
-from transfer_cli.reporting.trackers import MLFLOW_POINTER, build_tracker, numeric, open_tracker
+from transfer_cli.reporting.trackers import build_tracker, numeric, open_tracker
+from transfer_cli.run_folder import MLFLOW_POINTER
 from transfer_cli.strategies import build_strategy
 from tests.toy import ToyLoader, ToyModel, toy_config
 

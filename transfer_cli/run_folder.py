@@ -9,6 +9,8 @@
       checkpoints/last.pt   everything needed to resume
       checkpoints/best.pt   the weights selected on validation
       analysis/             `transfer-cli analyze`: <name>.json, .md and .png
+      tb/                   logger=tensorboard's event files (unless logger.log_dir says elsewhere)
+      mlflow_run.json       logger=mlflow: which MLflow run a resumed run continues
 
 The CLI, eval and export, analysis, reporting and sweeps all go through here, so none of them
 imports another to learn where a file is. It sits low in the package: it needs only the errors,
@@ -37,6 +39,8 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 ANALYSIS = "analysis"
+TENSORBOARD = "tb"
+MLFLOW_POINTER = "mlflow_run.json"
 
 
 class RunFolder:
@@ -53,6 +57,8 @@ class RunFolder:
         self.last_checkpoint = self.checkpoints_dir / LAST
         self.best_checkpoint = self.checkpoints_dir / BEST
         self.analysis_dir = self.path / ANALYSIS
+        self.tensorboard_dir = self.path / TENSORBOARD
+        self.mlflow_pointer = self.path / MLFLOW_POINTER
 
     def is_run(self) -> bool:
         """A folder is a run once Hydra saved its config there (done, failed or still unfinished)."""
