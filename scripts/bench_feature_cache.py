@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfer_cli.cli import compose_config
+from transfer_cli.overrides import compose_config
 from transfer_cli.engine.run import run_training
 
 

@@ -51,9 +51,9 @@ import timm
 import torch
 
 from transfer_cli.backbones import build_backbone
-from transfer_cli.cli import compose_config
+from transfer_cli.overrides import compose_config
 from transfer_cli.data.common import first_line
-from transfer_cli.data.loaders import TensorLoader
+from transfer_cli.data.tensor_batches import TensorLoader
 from transfer_cli.engine.device import resolve_device
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError

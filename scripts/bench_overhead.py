@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from transfer_cli.backbones import build_backbone
-from transfer_cli.cli import compose_config
+from transfer_cli.overrides import compose_config
 from transfer_cli.data import ImageArraySplit, make_loader
 from transfer_cli.engine.device import autocast, resolve_precision
 from transfer_cli.engine.loop import Trainer

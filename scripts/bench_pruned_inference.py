@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from transfer_cli.cli import run_config
+from transfer_cli.run_folder import run_config
 from transfer_cli.engine.evaluate_run import restore_run
 from transfer_cli.engine.run import assemble
 from transfer_cli.strategies.pruning.cnn import count_flops, count_params

@@ -92,7 +92,7 @@ class Prepared:
     def __init__(self, name: str, args: argparse.Namespace):
         import torch
 
-        from transfer_cli.cli import compose_config
+        from transfer_cli.overrides import compose_config
         from transfer_cli.engine.loop import TrainState, Trainer
         from transfer_cli.engine.run import assemble
 

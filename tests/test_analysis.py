@@ -17,9 +17,10 @@ from transfer_cli.analysis.runs import (LoadedRun, clone_state, initial_state, l
                                         pretrained_state, take_batches)
 from transfer_cli.analysis.spectrum import analyze_spectrum
 from transfer_cli.backbones.model import TransferModel
-from transfer_cli.cli import run_config, main
+from transfer_cli.cli import main
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.engine.run import Assembled, assemble
+from transfer_cli.run_folder import run_config
 from transfer_cli.strategies import build_strategy
 from tests.toy import ToyLoader, ToyModel, toy_config
 

@@ -21,6 +21,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_both_sides_and_the_ratio(capsys):
     standin = ROOT / "tests" / "timm_train_standin.py"
     bench().main(["--timm-train", str(standin), *SMOKE, "--repeats", "1"])

@@ -68,6 +68,7 @@ def test_export_makes_a_backbone_the_next_run_can_load(smoke_run, tmp_path):
     assert 0.0 <= results["test"]["acc1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_freeze_trains_only_the_head(tmp_path):
     results = train(tmp_path / "probe", "strategy=freeze")
     assert 0 < results["params"]["trainable"] < results["params"]["total"] / 10
@@ -132,6 +133,7 @@ def test_a_finished_run_is_not_overwritten(capsys, smoke_run):
     assert (smoke_run / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_results(tmp_path):
     """A real process, really killed, resumed in its folder: the same numbers as a run left alone."""
     args = ["trainer.device=cpu", "trainer.progress=false", "trainer.max_epochs=4", "trainer.batch_size=8",

@@ -16,7 +16,7 @@ from PIL import Image
 import transfer_cli
 from transfer_cli.cli import main
 from transfer_cli.data import DATASETS, ImageArraySplit, ImageFileSplit, TextSplit, build_data, make_loader
-from transfer_cli.data import loaders
+from transfer_cli.data import tensor_batches
 from transfer_cli.data.sampling import stratified_split
 from transfer_cli.errors import TransferCliError
 
@@ -325,7 +325,7 @@ def test_resize_up_front_equals_resize_per_batch(monkeypatch):
     split = array_split(n=6, size=8)
     model = image_model(size=(1, 20, 20), mean=(0.0,), std=(1.0,), interpolation="bicubic")
     up_front = torch.cat([b["pixel_values"] for b in make_loader(split, model, 4, train=False, seed=0)])
-    monkeypatch.setattr(loaders, "PRERESIZE_BYTES", 0)
+    monkeypatch.setattr(tensor_batches, "PRERESIZE_BYTES", 0)
     per_batch = torch.cat([b["pixel_values"] for b in make_loader(split, model, 4, train=False, seed=0)])
     assert up_front.shape == (6, 1, 20, 20) and torch.equal(up_front, per_batch)
     flat = ImageArraySplit(torch.full((2, 1, 8, 8), 51, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))

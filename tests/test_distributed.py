@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
-from transfer_cli.data.loaders import TensorLoader
+from transfer_cli.data.tensor_batches import TensorLoader
 from transfer_cli.engine import distributed
 from transfer_cli.engine.evaluate import evaluate
 from transfer_cli.engine.loop import Trainer
@@ -124,6 +124,7 @@ def test_loader_shards_are_disjoint_equal_halves_of_the_same_permutation():
     assert sorted(torch.cat([torch.cat(list(t.batch_indices())) for t in test]).tolist()) == list(range(N_TRAIN + 1))
 
 
+@pytest.mark.slow
 def test_each_process_trains_on_its_own_half_of_every_epoch(two_processes):
     _, ranks = two_processes
     for epoch in range(EPOCHS):
@@ -136,6 +137,7 @@ def test_each_process_trains_on_its_own_half_of_every_epoch(two_processes):
     assert all(r["samples"] == EPOCHS * N_TRAIN for r in ranks)  # the global count, on every process
 
 
+@pytest.mark.slow
 def test_gradients_are_averaged_so_weights_stay_identical(two_processes):
     _, ranks = two_processes
     torch.manual_seed(0)
@@ -145,6 +147,7 @@ def test_gradients_are_averaged_so_weights_stay_identical(two_processes):
     assert not torch.equal(ranks[0]["state"]["head.weight"], start["head.weight"])  # it did train
 
 
+@pytest.mark.slow
 def test_test_metrics_are_those_of_the_whole_test_set_and_only_rank_0_writes(two_processes):
     out, ranks = two_processes
     model = ToyModel()
@@ -159,8 +162,9 @@ def test_test_metrics_are_those_of_the_whole_test_set_and_only_rank_0_writes(two
     assert [json.loads(line)["epoch"] for line in metrics] == list(range(EPOCHS))  # one line per epoch, not two
 
 
+@pytest.mark.slow
 def test_torchrun_cli_writes_one_run_folder_with_global_results(tmp_path):
-    from transfer_cli.cli import run_config
+    from transfer_cli.run_folder import run_config
     from transfer_cli.engine.evaluate_run import evaluate_run
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -98,6 +98,7 @@ def test_frozen_prefix_with_cache_equals_uncached(tmp_path):
     assert cached[2] == N_TRAIN + 2 * BATCH + N_VAL + N_TEST
 
 
+@pytest.mark.slow
 def test_frozen_prefix_of_a_timm_resnet_with_dropout_above_it(tmp_path):
     """The layers above the cut draw dropout masks from the same random stream in both runs."""
     cfg = OmegaConf.create({"kind": "timm", "name": "test_resnet", "pretrained": False, "weights": None,

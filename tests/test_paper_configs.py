@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from transfer_cli.backbones import build_backbone
-from transfer_cli.cli import CONFIG_DIR, compose_config
+from transfer_cli.config_files import CONFIG_DIR
+from transfer_cli.overrides import compose_config
 from transfer_cli.strategies import build_strategy
 
 PAPER_DIR = CONFIG_DIR / "experiment" / "paper"

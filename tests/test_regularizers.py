@@ -184,6 +184,7 @@ def test_delta_without_attention_weighs_channels_equally_and_resumes_its_state(t
                                                  trainer.strategy.regularizer("delta").reference.state_dict().values()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, extra", [
     ("l2sp", []), ("bss", []), ("delta", ["strategy.attention_epochs=1", "strategy.attention_batches=1"])])
 def test_cli_trains_and_evaluates_each_regulariser(tmp_path, strategy, extra, monkeypatch):
@@ -200,6 +201,7 @@ def test_cli_trains_and_evaluates_each_regulariser(tmp_path, strategy, extra, mo
     assert json.loads((tmp_path / "eval.json").read_text())["test"] == results["test"]
 
 
+@pytest.mark.slow
 def test_channel_ablation_runs_only_the_layers_above_and_equals_whole_forwards(monkeypatch):
     from transfer_cli.backbones import build_backbone
     from transfer_cli.backbones.model import TransferModel

@@ -12,12 +12,16 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from transfer_cli.cli import compose_config, main
+from transfer_cli.cli import main
 from transfer_cli.engine.sweep import record_failure
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json, write_jsonl
+from transfer_cli.overrides import compose_config
+from transfer_cli.reporting.grouping import default_keys
 from transfer_cli.reporting.plots import bar_chart, learning_curves, report_figures, samples_chart
-from transfer_cli.reporting.report import build_table, default_keys, find_runs, flatten, markdown
+from transfer_cli.reporting.render import markdown
+from transfer_cli.reporting.runs import find_runs, flatten
+from transfer_cli.reporting.table import build_table
 
 STRATEGIES = ["finetune", "scratch", "l2sp"]
 SAMPLES = [5, 10, 20]  # sorted as text this would be 10, 20, 5
@@ -28,7 +32,7 @@ BASE = {"finetune": 0.6, "scratch": 0.3, "l2sp": 0.55}
 
 
 def fake_results(cfg, acc1: float, best_epoch: int, train_time: float) -> dict:
-    """A results.json with the structure transfer_cli.reporting.results.build_results writes."""
+    """A results.json with the structure transfer_cli.engine.results.build_results writes."""
     return {
         "config": {"strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "data": cfg.data.name,
                    "seed": cfg.seed, "samples_per_class": cfg.data.samples_per_class, "num_classes": 10},

@@ -11,10 +11,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from tests.test_report import curve, fake_results
-from transfer_cli.cli import compose_config, main
+from transfer_cli.cli import main
 from transfer_cli.io import write_json, write_jsonl
+from transfer_cli.overrides import compose_config
+from transfer_cli.reporting.grouping import default_keys
 from transfer_cli.reporting.plots import report_figures, routing_chart
-from transfer_cli.reporting.report import build_table, default_keys, find_runs
+from transfer_cli.reporting.runs import find_runs
+from transfer_cli.reporting.table import build_table
 
 # network order; metrics.jsonl stores them sorted as text, where layer10 comes before layer2
 BLOCKS = ["body.layer1.0", "body.layer1.1", "body.layer2.0", "body.layer10.0"]

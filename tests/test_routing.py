@@ -90,6 +90,7 @@ def test_forced_fine_tuned_training_is_plain_fine_tuning(name, tmp_path):
         torch.testing.assert_close(routed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["resnet", "bert"])
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_frozen_copies_stay_bit_identical_and_the_decision_network_learns(name, kind, tmp_path, tiny_bert):
@@ -143,6 +144,7 @@ def test_spottune_budget_penalty_counts_the_fine_tuned_blocks(tmp_path):
     assert torch.allclose(penalty, 0.5 * (used - 1) ** 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STRATEGIES)
 def test_resume_after_a_crash_gives_the_uninterrupted_result(name, tmp_path):
     torch.manual_seed(0)
@@ -166,6 +168,7 @@ def test_a_model_without_blocks_is_a_one_line_error():
         strategy.setup(model, ToyLoader(), torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_cli_spottune_trains_and_eval_restores_the_policy(tmp_path, capsys):
     main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={tmp_path}", "strategy=spottune"])
     results = json.loads((tmp_path / "results.json").read_text())
@@ -178,6 +181,7 @@ def test_cli_spottune_trains_and_eval_restores_the_policy(tmp_path, capsys):
     assert (tmp_path / "body.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_cli_adafilter_with_minilm(tmp_path):
     main(["train", "experiment=minilm_sentiment", "trainer=smoke", "trainer.device=cpu", "trainer.max_epochs=1",
           f"hydra.run.dir={tmp_path}", "strategy=adafilter"])

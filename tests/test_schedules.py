@@ -124,6 +124,7 @@ SCHEDULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["toy", "resnet", "bert"])
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_trainable_groups_per_epoch_are_the_papers(name, backbone, tmp_path, tiny_bert):
@@ -210,6 +211,7 @@ def test_resume_after_a_crash_mid_schedule_gives_the_uninterrupted_result(tmp_pa
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, expected", [
     (["strategy=gradual_unfreeze"], [["head"], ["layer4", "head"]]),
     (["strategy=sequential_unfreeze"], [["head"], RESNET[1:]]),

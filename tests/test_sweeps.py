@@ -11,9 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.test_data import make_images
-from transfer_cli.cli import check_overrides, main
+from transfer_cli.cli import main
 from transfer_cli.engine.sweep import available_cpus, thread_share
 from transfer_cli.errors import TransferCliError
+from transfer_cli.overrides import check_overrides
 
 # two jobs: folder `a` exists, folder `b` does not (yet)
 SWEEP = ["train", "-m", "trainer=smoke", "trainer.device=cpu", "trainer.max_epochs=1", "data=imagefolder",
@@ -46,6 +47,7 @@ def first_sweep(tmp_path_factory) -> tuple[Path, int, str]:
     return root, exit_info.value.code, err.getvalue()
 
 
+@pytest.mark.slow
 def test_local_sweep_records_a_failed_job_then_a_rerun_runs_only_what_is_missing(first_sweep, monkeypatch, capsys):
     root, code, err = first_sweep
     monkeypatch.chdir(root)
@@ -79,6 +81,7 @@ def test_local_sweep_records_a_failed_job_then_a_rerun_runs_only_what_is_missing
     assert json.loads((jobs["b"] / "results.json").read_text())["test"] == first["test"]
 
 
+@pytest.mark.slow
 def test_skip_done_applies_to_a_single_run_only_when_asked(first_sweep, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(first_sweep[0])
     run_dir = tmp_path / "run"

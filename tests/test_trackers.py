@@ -6,12 +6,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from transfer_cli.cli import compose_config, main
+from transfer_cli.cli import main
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.engine.run import run_training
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
-from transfer_cli.reporting.trackers import MLFLOW_POINTER, build_tracker, numeric, open_tracker
+from transfer_cli.overrides import compose_config
+from transfer_cli.reporting.trackers import build_tracker, numeric, open_tracker
+from transfer_cli.run_folder import MLFLOW_POINTER
 from transfer_cli.strategies import build_strategy
 from tests.toy import ToyLoader, ToyModel, toy_config
 

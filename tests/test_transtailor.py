@@ -225,6 +225,7 @@ def test_heads_and_ffn_units_are_removed_exactly_and_replay(tiny_bert):
         torch.testing.assert_close(fresh(batch), masked, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_tiny_bert_prunes_end_to_end_and_eval_reproduces_it(tmp_path, tiny_bert):
     csv = tmp_path / "train.csv"
     rows = ["text,label"] + [f"the cat sat on the mat {i},cat" for i in range(8)] + \
@@ -247,6 +248,7 @@ def test_a_tiny_bert_prunes_end_to_end_and_eval_reproduces_it(tmp_path, tiny_ber
     assert evaluated["test"]["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_rebuilds_the_pruned_structure_and_ends_like_an_uninterrupted_run(tmp_path):
     def trainer(folder, loader, **options):
         torch.manual_seed(0)
@@ -269,6 +271,7 @@ def test_resume_rebuilds_the_pruned_structure_and_ends_like_an_uninterrupted_run
     assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_eval_of_a_pruned_run_reproduces_its_test_numbers(tmp_path):
     run = tmp_path / "run"
     main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={run}", "strategy=transtailor",

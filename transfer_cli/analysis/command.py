@@ -12,6 +12,7 @@ from transfer_cli.analysis.output import Analysis
 from transfer_cli.analysis.runs import LoadedRun, load_run
 from transfer_cli.analysis.spectrum import SPLITS, analyze_spectrum
 from transfer_cli.errors import TransferCliError
+from transfer_cli.run_folder import run_config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,8 +87,6 @@ def _analysis(args: argparse.Namespace, loaded: LoadedRun) -> Analysis:
 
 def analyze(argv: Sequence[str]) -> Path:
     """Run one analysis from command-line arguments; print its table; return the output folder."""
-    from transfer_cli.cli import run_config
-
     args = build_parser().parse_args(list(argv))
     run_dir = args.run.expanduser()
     loaded = load_run(run_config(run_dir, {}), run_dir)

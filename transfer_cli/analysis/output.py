@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 
 from transfer_cli.io import atomic_path, write_json
+from transfer_cli.run_folder import RunFolder
 
 
 def output_name(kind: str, other: Path | None = None) -> str:
@@ -42,7 +43,7 @@ class Analysis:
 
     def write(self, run_dir: Path) -> Path:
         """Write the table (JSON + markdown) and the plot into `<run_dir>/analysis/`; return that folder."""
-        folder = Path(run_dir) / "analysis"
+        folder = RunFolder(run_dir).analysis_dir
         write_json(folder / f"{self.name}.json", self.table)
         with atomic_path(folder / f"{self.name}.md") as tmp:
             tmp.write_text(self.markdown + "\n")

@@ -13,8 +13,9 @@ from typing import Iterable, Mapping, Optional
 import torch
 from omegaconf import DictConfig
 
-from transfer_cli.backbones import build_backbone, first_line
+from transfer_cli.backbones import build_backbone
 from transfer_cli.backbones.model import TransferModel
+from transfer_cli.backbones.registry import first_line
 from transfer_cli.engine.checkpoint import Checkpoints
 from transfer_cli.engine.device import resolve_precision, to_device
 from transfer_cli.engine.evaluate_run import restore_run

@@ -1,16 +1,16 @@
 """Backbones: build a TransferModel (pretrained body + new head, named layer groups) from `cfg.backbone`.
 
-Each family registers a builder under the `kind` its config names; `transfer-cli list` prints the
-first line of each builder's docstring.
+Each family registers a builder in BACKBONES (`backbones/registry.py`) under the `kind` its config
+names; `transfer-cli list` prints the first line of each builder's docstring.
 """
 from __future__ import annotations
 
 from omegaconf import DictConfig
 
 from transfer_cli.backbones.model import TransferModel
-from transfer_cli.registry import Registry
+from transfer_cli.backbones.registry import BACKBONES, few, first_line
 
-BACKBONES: Registry[TransferModel] = Registry("backbone")
+__all__ = ["BACKBONES", "build_backbone", "few", "first_line"]
 
 
 def build_backbone(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> TransferModel:
@@ -18,15 +18,5 @@ def build_backbone(cfg: DictConfig, num_classes: int, pretrained: bool = True) -
     return BACKBONES.get(cfg.kind)(cfg, num_classes, pretrained)
 
 
-def few(names: list[str]) -> str:
-    """The first few names of a list, for a one-line message."""
-    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
-
-
-def first_line(error: BaseException) -> str:
-    """A library error's first line, to quote inside our own one-line message."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-# Imported last: they register into BACKBONES.
+# Imported for their effect: each registers its builders in BACKBONES.
 from transfer_cli.backbones import hf_backbone, timm_backbone  # noqa: E402,F401

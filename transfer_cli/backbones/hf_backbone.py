@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from transfer_cli.backbones import BACKBONES, few, first_line
+from transfer_cli.backbones.registry import BACKBONES, few, first_line
 from transfer_cli.backbones.hub import hub_unreachable
 from transfer_cli.backbones.model import Batch, TransferModel, group_members
 from transfer_cli.errors import TransferCliError

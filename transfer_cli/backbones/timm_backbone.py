@@ -21,7 +21,7 @@ from timm.models import parse_model_name
 from timm.models._manipulate import MATCH_PREV_GROUP, group_parameters
 from torch import nn
 
-from transfer_cli.backbones import BACKBONES, few, first_line
+from transfer_cli.backbones.registry import BACKBONES, few, first_line
 from transfer_cli.backbones.hub import cache_only_when_unreachable
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel, group_members
 from transfer_cli.errors import TransferCliError

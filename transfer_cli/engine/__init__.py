@@ -1,1 +1,1 @@
-"""The one training loop, and what it needs: optimizers, schedules, checkpoints, evaluation."""
+"""The one training loop, and what it needs: optimizers, schedules, checkpoints, evaluation, results.json."""

@@ -7,15 +7,17 @@ from typing import Any, Optional
 from torch import nn
 
 from transfer_cli.io import load_torch, save_torch
+from transfer_cli.run_folder import RunFolder
 
 FORMAT_VERSION = 1
 
 
 class Checkpoints:
     def __init__(self, run_dir: Path):
-        self.dir = Path(run_dir) / "checkpoints"
-        self.last = self.dir / "last.pt"
-        self.best = self.dir / "best.pt"
+        folder = RunFolder(run_dir)
+        self.dir = folder.checkpoints_dir
+        self.last = folder.last_checkpoint
+        self.best = folder.best_checkpoint
 
     def save_last(self, state: dict[str, Any]) -> None:
         save_torch(self.last, {"format": FORMAT_VERSION, **state})

@@ -14,6 +14,7 @@ from transfer_cli.engine.evaluate import evaluate
 from transfer_cli.engine.run import Assembled, assemble
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
+from transfer_cli.run_folder import RunFolder
 
 
 def restore_run(cfg: DictConfig, run_dir: Path) -> tuple[Assembled, int, Any]:
@@ -39,7 +40,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     precision = resolve_precision(str(cfg.trainer.precision), device)
     test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cfg.trainer.max_eval_batches)
     result = {"test": test, "epoch": epoch}
-    write_json(Path(run_dir) / "eval.json", result)
+    write_json(RunFolder(run_dir).eval_file, result)
     return result
 
 

@@ -14,10 +14,11 @@ from transfer_cli.data import build_data, make_loader
 from transfer_cli.data.splits import DataBundle
 from transfer_cli.engine import distributed
 from transfer_cli.engine.loop import Trainer
+from transfer_cli.engine.results import build_results
 from transfer_cli.engine.seeding import seed_everything
 from transfer_cli.io import write_json
-from transfer_cli.reporting.results import build_results
 from transfer_cli.reporting.trackers import Tracker, open_tracker
+from transfer_cli.run_folder import RunFolder
 from transfer_cli.strategies import build_strategy
 from transfer_cli.strategies.base import Strategy
 
@@ -59,6 +60,6 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         results = {**build_results(cfg, fit, run.model, run.data.num_classes), **run.strategy.results(),
                    **distributed.describe(int(cfg.trainer.batch_size))}
         if distributed.is_main():
-            write_json(Path(run_dir) / "results.json", results)
+            write_json(RunFolder(run_dir).results_file, results)
         tracker.log_final(results)
     return results

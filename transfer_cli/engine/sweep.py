@@ -7,7 +7,6 @@ files at the end so that the command still exits non-zero. Re-running a sweep in
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,8 +21,7 @@ from omegaconf import DictConfig, open_dict
 
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
-
-RESULTS, FAILED = "results.json", "failed.json"
+from transfer_cli.run_folder import FAILED, RunFolder
 
 # failed.json files of the last sweep this process ran, filled by SweepOutcome.on_multirun_end
 LAST_SWEEP_FAILURES: list[Path] = []
@@ -79,7 +77,7 @@ def run_job(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
     if not sweep:
         return _skip_or_train(cfg, run_dir, train, sweep=False)
     try:
-        (run_dir / FAILED).unlink(missing_ok=True)
+        RunFolder(run_dir).failed_file.unlink(missing_ok=True)
         hydra_cfg = HydraConfig.get()
         with open_dict(cfg):
             if cfg.trainer.num_threads is None:
@@ -94,9 +92,10 @@ def run_job(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
 
 def _skip_or_train(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], dict], sweep: bool) -> dict:
     if skip_done(cfg, sweep):
-        if (run_dir / RESULTS).exists():
+        done = RunFolder(run_dir).read_results()
+        if done is not None:
             print(f"skipped, results.json exists (trainer.skip_done): {run_dir}")
-            return json.loads((run_dir / RESULTS).read_text())
+            return done
         with open_dict(cfg):
             cfg.trainer.resume = True  # a fresh folder starts at epoch 0; a killed run continues
     return train(cfg, run_dir)
@@ -114,7 +113,7 @@ def record_failure(run_dir: Path, err: BaseException) -> None:
     record = {"error": first_line(err), "error_type": type(err).__name__, "time": time.time()}
     if not isinstance(err, TransferCliError):
         record["traceback"] = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    write_json(run_dir / FAILED, record)
+    write_json(RunFolder(run_dir).failed_file, record)
 
 
 def sweep_failures(sweep_dir: Path, since: float) -> list[Path]:

@@ -1,1 +1,2 @@
-"""What a run writes for people and for the report command: results.json, metrics.jsonl."""
+"""What people read from runs: the report command (tables and plots from run folders) and the
+trackers that send each metrics.jsonl record to TensorBoard or MLflow."""

@@ -17,8 +17,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from transfer_cli.reporting.report import (SAMPLES_KEY, STRATEGY_KEY, Group, Run, build_table, is_accuracy,
-                                           sort_key)
+from transfer_cli.reporting.grouping import SAMPLES_KEY, STRATEGY_KEY
+from transfer_cli.reporting.runs import Run
+from transfer_cli.reporting.table import Group, build_table, is_accuracy, sort_key
 
 CURVE_KEY = "val_acc1"
 ROUTING_PREFIX = "finetuned/"  # metrics.jsonl keys of transfer_cli.strategies.routing.Routing.fractions

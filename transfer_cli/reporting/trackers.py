@@ -20,19 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
+from transfer_cli.reporting.runs import flatten
+from transfer_cli.run_folder import RunFolder
 
 # results.json entries that are not numbers to plot (the config is logged on its own)
 NOT_FINAL_METRICS = ("config", "full_config", "versions")
-MLFLOW_POINTER = "mlflow_run.json"  # in the run folder: which MLflow run a resumed run continues
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params per log_batch call
-
-
-def flatten(tree: dict[str, Any]) -> dict[str, Any]:
-    """The report command's flattening ({"lr": {"head": 0.1}} -> {"lr.head": 0.1}), imported only when a
-    tracker runs: the report module brings matplotlib, which a plain training run does not need."""
-    from transfer_cli.reporting.report import flatten as flatten_tree
-
-    return flatten_tree(tree)
 
 
 def numeric(record: dict[str, Any], leave_out: tuple[str, ...] = ()) -> dict[str, float]:
@@ -103,7 +96,7 @@ class TensorBoardTracker(Tracker):
         except ImportError as err:
             raise _missing("tensorboard", "tensorboard", err) from None
         self._writer_class, self._hparams = SummaryWriter, hparams
-        self.log_dir = Path(logger.log_dir).expanduser() if logger.get("log_dir") else run_dir / "tb"
+        self.log_dir = Path(logger.log_dir).expanduser() if logger.get("log_dir") else RunFolder(run_dir).tensorboard_dir
         self.writer = None
         self.params: dict[str, Any] = {}
 
@@ -166,7 +159,7 @@ class MlflowTracker(Tracker):
         self.logged: set[tuple[str, int]] = set()  # (metric, step) pairs the run already holds
 
     def start(self, config: DictConfig, finished: list[dict]) -> None:
-        pointer = self.run_dir / MLFLOW_POINTER
+        pointer = RunFolder(self.run_dir).mlflow_pointer
         previous = json.loads(pointer.read_text()) if finished and pointer.exists() else {}
         if previous.get("tracking_uri") == self.uri:
             self.run_id = previous["run_id"]

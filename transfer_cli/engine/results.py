@@ -1,4 +1,8 @@
-"""results.json: the one summary of a finished run that tables and sweeps are built from."""
+"""results.json: the one summary of a finished run that tables and sweeps are built from.
+
+Built here, beside the loop whose `FitResult` it summarises, so that reporting (which reads
+results.json) never imports the engine.
+"""
 from __future__ import annotations
 
 import platform

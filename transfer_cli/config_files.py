@@ -1,0 +1,29 @@
+"""The YAML configs shipped in the package: where they live, what each group offers, and the
+`${asset:NAME}` resolver they use for files shipped beside them (transfer_cli/assets/).
+
+Anything that composes a config or reads a run's saved one imports this module, so the resolver is
+registered before an interpolation needs it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
+
+
+def config_options(group: str) -> list[str]:
+    """The config names of a group (`strategy`, `backbone`, ...): what `group=NAME` accepts."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def config_summary(group: str, name: str) -> str:
+    """A config file's first comment line: the one-line description `list` prints."""
+    for line in (CONFIG_DIR / group / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""

@@ -1,0 +1,96 @@
+"""A run's folder: the one place that names the files a run leaves behind and reads them back.
+
+    <run>/
+      .hydra/config.yaml    the composed config, as Hydra saved it (interpolations unresolved)
+      metrics.jsonl         one record per epoch, appended as training goes
+      results.json          the summary of a finished run (what tables and sweeps are built from)
+      failed.json           a sweep job's error, instead of results.json
+      eval.json             `transfer-cli eval`: the best checkpoint re-evaluated on the test split
+      checkpoints/last.pt   everything needed to resume
+      checkpoints/best.pt   the weights selected on validation
+      analysis/             `transfer-cli analyze`: <name>.json, .md and .png
+      tb/                   logger=tensorboard's event files (unless logger.log_dir says elsewhere)
+      mlflow_run.json       logger=mlflow: which MLflow run a resumed run continues
+
+The CLI, eval and export, analysis, reporting and sweeps all go through here, so none of them
+imports another to learn where a file is. It sits low in the package: it needs only the errors,
+the file helpers and the config resolvers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from transfer_cli import config_files  # noqa: F401  (registers ${asset:} for the configs read here)
+from transfer_cli.errors import TransferCliError
+from transfer_cli.io import read_jsonl
+
+HYDRA = ".hydra"
+CONFIG_NAME = "config.yaml"
+CONFIG = f"{HYDRA}/{CONFIG_NAME}"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+FAILED = "failed.json"
+EVAL = "eval.json"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+ANALYSIS = "analysis"
+TENSORBOARD = "tb"
+MLFLOW_POINTER = "mlflow_run.json"
+
+
+class RunFolder:
+    """The paths inside one run's folder, and readers for the files other commands consume."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.config_file = self.path / CONFIG
+        self.metrics_file = self.path / METRICS
+        self.results_file = self.path / RESULTS
+        self.failed_file = self.path / FAILED
+        self.eval_file = self.path / EVAL
+        self.checkpoints_dir = self.path / CHECKPOINTS
+        self.last_checkpoint = self.checkpoints_dir / LAST
+        self.best_checkpoint = self.checkpoints_dir / BEST
+        self.analysis_dir = self.path / ANALYSIS
+        self.tensorboard_dir = self.path / TENSORBOARD
+        self.mlflow_pointer = self.path / MLFLOW_POINTER
+
+    def is_run(self) -> bool:
+        """A folder is a run once Hydra saved its config there (done, failed or still unfinished)."""
+        return self.config_file.exists()
+
+    def read_results(self) -> Optional[dict]:
+        """results.json, or None while the run has not finished."""
+        return json.loads(self.results_file.read_text()) if self.results_file.exists() else None
+
+    def read_error(self) -> Optional[str]:
+        """failed.json's one-line message, or None when no job failed here."""
+        if not self.failed_file.exists():
+            return None
+        return json.loads(self.failed_file.read_text()).get("error", "failed")
+
+    def read_metrics(self) -> list[dict]:
+        return read_jsonl(self.metrics_file)
+
+
+def run_config(run_dir: Path, overrides: Mapping[str, str]) -> DictConfig:
+    """A finished run's recorded config (.hydra/config.yaml) with `overrides` (e.g. trainer.device) on top."""
+    folder = RunFolder(run_dir)
+    if not folder.is_run():
+        raise TransferCliError(f"{run_dir} is not a run folder (no {CONFIG}); pass run=<a folder under runs/>")
+    cfg = OmegaConf.load(folder.config_file)
+    OmegaConf.set_struct(cfg, True)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
+    except Exception as err:  # omegaconf's errors for unknown keys and bad values
+        raise TransferCliError(f"bad override for this run: {str(err).splitlines()[0]}") from None
+
+
+def find_run_folders(folder: Path) -> list[Path]:
+    """Every run folder under `folder` (itself included), in path order."""
+    return sorted(p.parent.parent for p in Path(folder).rglob(CONFIG_NAME) if p.parent.name == HYDRA)

@@ -1,0 +1,73 @@
+"""`transfer-cli train`: the Hydra application around one run or a sweep (`-m`).
+
+The arguments are checked first (`transfer_cli.overrides`); torchrun's processes are given one run
+folder; each job goes through `engine.sweep.run_job`, which records a failed sweep job instead of
+stopping the sweep, and the command fails at the end when any job did.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from transfer_cli.config_files import CONFIG_DIR
+from transfer_cli.errors import TransferCliError, fail
+from transfer_cli.overrides import check_overrides, overrides_only
+
+
+def train_command(args: list[str]) -> None:
+    from transfer_cli.engine import distributed
+    from transfer_cli.engine.sweep import LAST_SWEEP_FAILURES
+
+    check_overrides(overrides_only(args))
+    scratch = None
+    if distributed.launched():  # torchrun: processes must agree on one run folder
+        args, scratch = distributed.hydra_args(args)
+    sys.argv = [sys.argv[0], *args]
+    LAST_SWEEP_FAILURES.clear()
+    try:
+        _train_app()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if LAST_SWEEP_FAILURES:
+        raise TransferCliError(f"{len(LAST_SWEEP_FAILURES)} job(s) of the sweep failed, the others finished; "
+                               f"see {LAST_SWEEP_FAILURES[0]}" + (" and the other failed.json files"
+                                                                 if len(LAST_SWEEP_FAILURES) > 1 else ""))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _train_app(cfg: DictConfig) -> float | None:
+    from transfer_cli.engine import distributed
+    from transfer_cli.engine.run import run_training
+    from transfer_cli.engine.sweep import in_sweep, run_job
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    main = True
+    try:
+        if distributed.launched():
+            cfg.trainer.device = distributed.init(str(cfg.trainer.device))
+            run_dir = Path(distributed.broadcast(str(run_dir)))  # rank 0's folder (see distributed.hydra_args)
+            if distributed.is_main():
+                described = distributed.describe(int(cfg.trainer.batch_size))
+                print(f"data-parallel over {described['world_size']} processes: trainer.batch_size="
+                      f"{described['batch_size']['per_process']} per process, {described['batch_size']['global']} "
+                      "per optimizer step")
+        results = run_job(cfg, run_dir, run_training, sweep=in_sweep())
+        main = distributed.is_main()
+    except TransferCliError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        fail(str(err))
+    finally:
+        distributed.shutdown()
+    if results is None or not main:  # None: a failed sweep job, recorded in its failed.json
+        return None
+    print(f"test acc1 {results['test']['acc1']:.4f}  loss {results['test']['loss']:.4f}  "
+          f"(best epoch {results['best_epoch']}, {results['train_time_s']:.1f}s)  -> {run_dir}")
+    return results["test"]["acc1"]
