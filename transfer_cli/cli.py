@@ -1,5 +1,5 @@
 """The `transfer-cli` command: dispatch to train (`transfer_cli.train_app`, a Hydra application),
-eval, list, export, report and analyze, and the one-line error every TransferCliError becomes.
+eval, predict, list, export, report and analyze, and the one-line error every TransferCliError becomes.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ USAGE = """usage: transfer-cli COMMAND [ARGS]
 commands:
   train [KEY=VALUE ...] [-m]     train and evaluate (Hydra overrides; -m runs a sweep)
   eval run=RUN_DIR               re-evaluate a finished run's best checkpoint on its test split
+  predict run=RUN_DIR input=PATH [out=FILE.csv] [topk=5]
+                                 classify an image, a folder of images or a CSV/JSONL of texts
   list strategies|backbones|datasets
                                  what exists, one line each
   export run=RUN_DIR out=FILE    save a run's trained body as a pretrained backbone (.safetensors)
@@ -41,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     commands: dict[str, Callable[[list[str]], None]] = {
-        "train": train_command, "eval": eval_command, "list": list_command, "export": export_command,
+        "train": train_command, "eval": eval_command, "predict": predict_command, "list": list_command,
+        "export": export_command,
         "analyze": analyze_command, "report": report_command,
     }
     if command not in commands:
@@ -87,6 +90,21 @@ def eval_command(args: list[str]) -> None:
     result = evaluate_run(run_config(run_dir, values), run_dir)
     print(f"test acc1 {result['test']['acc1']:.4f}  loss {result['test']['loss']:.4f}  "
           f"(checkpoint of epoch {result['epoch']})  -> {RunFolder(run_dir).eval_file}")
+
+
+def predict_command(args: list[str]) -> None:
+    from transfer_cli.engine.predict import predict_run
+
+    values = _parse_keyvalues(args, ["run", "input"])
+    run_dir = Path(values.pop("run")).expanduser()
+    source = Path(values.pop("input")).expanduser()
+    out = Path(values.pop("out")).expanduser() if "out" in values else None
+    topk = values.pop("topk", "5")
+    if not topk.isdigit():
+        raise TransferCliError(f"topk={topk!r} must be a whole number, e.g. topk=5")
+    done = predict_run(run_config(run_dir, values), run_dir, source, out, int(topk))
+    skipped = f", {done.unreadable} unreadable input(s) skipped" if done.unreadable else ""
+    print(f"predicted {done.predicted} input(s){skipped} -> {done.out}")
 
 
 def export_command(args: list[str]) -> None:

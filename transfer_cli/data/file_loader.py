@@ -52,14 +52,14 @@ class FileLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            if isinstance(batch, _Unreadable):
+            if isinstance(batch, Unreadable):
                 break
             yield batch
         else:
             return
         self.loader = self._new_dataloader()  # frees the old workers now, not when the error is collected
         raise TransferCliError(
-            f"cannot read image {batch.path} ({batch.reason}); fix or remove the file"
+            f"cannot read image {batch.name} ({batch.reason}); fix or remove the file"
         )
 
 
@@ -102,14 +102,14 @@ class _PlanBatches(torch.utils.data.Sampler):
 
 
 @dataclass(frozen=True)
-class _Unreadable:
-    """Stands in for a sample or batch whose image failed to decode.
+class Unreadable:
+    """Stands in for an input that cannot be read (a sample or batch whose image failed to decode).
 
     It travels back from worker processes as data, so the main process raises one clean
     TransferCliError instead of a worker traceback.
     """
 
-    path: str
+    name: str
     reason: str
 
 
@@ -134,16 +134,16 @@ def image_mode(prep: dict) -> str:
 
 
 def decode(split: EncodedImages, index: int, mode: str) -> Any:
-    """Example `index` as a PIL image in `mode`, or `_Unreadable` when it cannot be decoded."""
+    """Example `index` as a PIL image in `mode`, or `Unreadable` when it cannot be decoded."""
     try:
         with split.open(index) as image:
             return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return _Unreadable(split.describe(index), first_line(e))
+        return Unreadable(split.describe(index), first_line(e))
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(index, augmentation seed) -> (transformed image, label), or `_Unreadable`."""
+    """(index, augmentation seed) -> (transformed image, label), or `Unreadable`."""
 
     def __init__(self, split: EncodedImages, transform: Callable, mode: str):
         self.split = split
@@ -157,7 +157,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, Optional[int]]) -> Any:
         index, seed = item
         image = decode(self.split, index, self.mode)
-        if isinstance(image, _Unreadable):
+        if isinstance(image, Unreadable):
             return image
         with _seeded(seed):
             return self.transform(image), self.labels[index]
@@ -184,7 +184,7 @@ def _seeded(seed: Optional[int]) -> Iterator[None]:
 
 
 def _collate(items: list) -> Any:
-    bad = next((item for item in items if isinstance(item, _Unreadable)), None)
+    bad = next((item for item in items if isinstance(item, Unreadable)), None)
     if bad is not None:
         return bad
     images, labels = zip(*items)

@@ -33,13 +33,16 @@ def csv_text(cfg: DictConfig) -> DataBundle:
     return text_bundle(cfg, columns, class_names=None)
 
 
-def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
-    """The rows of a CSV (.tsv: tab-separated) or JSON-lines (.jsonl, .json) file, as dicts."""
+def read_rows(path: Path, key: str, skipped: Optional[list[tuple[int, str]]] = None) -> list[dict[str, Any]]:
+    """The rows of a CSV (.tsv: tab-separated) or JSON-lines (.jsonl, .json) file, as dicts.
+
+    A JSON line that does not parse is an error, or, given a `skipped` list, recorded there as
+    (line number, reason) and left out (`transfer-cli predict` predicts the rest)."""
     if not path.is_file():
         raise TransferCliError(f"text file {path} does not exist; set data.{key}=<file>")
     with path.open(newline="", encoding="utf-8") as f:
         if path.suffix.lower() in (".jsonl", ".json"):
-            rows = _json_rows(f.read(), path)
+            rows = _json_rows(f.read(), path, skipped)
         else:
             rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     if not rows:
@@ -47,7 +50,7 @@ def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _json_rows(content: str, path: Path) -> list[dict[str, Any]]:
+def _json_rows(content: str, path: Path, skipped: Optional[list[tuple[int, str]]]) -> list[dict[str, Any]]:
     """JSON lines; a .json file holding one array of objects is accepted too."""
     if content.lstrip().startswith("["):
         return json.loads(content)
@@ -55,9 +58,13 @@ def _json_rows(content: str, path: Path) -> list[dict[str, Any]]:
     for number, line in enumerate(content.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise TransferCliError(f"line {number} of {path} is not JSON ({e}); fix the file") from None
+                if skipped is None:
+                    raise TransferCliError(f"line {number} of {path} is not JSON ({e}); fix the file") from None
+                skipped.append((number, f"not JSON ({e})"))
+                continue
+            rows.append(row)
     return rows
 
 
