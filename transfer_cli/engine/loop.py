@@ -31,6 +31,7 @@ from transfer_cli.engine.seeding import rng_state, set_rng_state
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import append_jsonl, read_jsonl, write_jsonl
 from transfer_cli.reporting.trackers import Tracker
+from transfer_cli.run_folder import RunFolder
 from transfer_cli.strategies.base import Strategy
 
 
@@ -90,7 +91,7 @@ class Trainer:
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
         self.run_dir = Path(run_dir)
         self.checkpoints = Checkpoints(self.run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics_path = RunFolder(self.run_dir).metrics_file
         self.device = resolve_device(str(self.tcfg.device))
         self.precision = resolve_precision(str(self.tcfg.precision), self.device)
         self.channels_last = _channels_last(self.tcfg.channels_last, self.device, model)
