@@ -51,6 +51,8 @@ def skip_done(cfg: DictConfig, sweep: bool) -> bool:
 def thread_share(launcher: Any, cpus: int) -> Optional[int]:
     """Torch threads for one job: the launcher's cpus_per_task (SLURM), else the CPUs split over n_jobs (local)."""
     per_task = launcher.get("cpus_per_task") if launcher is not None else None
+    if per_task == "auto":  # fitted to the partition at submission (slurm_resources): what SLURM gave the job
+        per_task = os.environ.get("SLURM_CPUS_PER_TASK") or cpus
     if per_task:
         return int(per_task)
     n_jobs = launcher.get("n_jobs") if launcher is not None else None
