@@ -86,6 +86,7 @@ def write_config() -> None:
         "JobCompType=jobcomp/filetxt",  # each finished job's final state, one line
         f"JobCompLoc={logs / 'jobcomp.log'}",
         "SchedulerType=sched/backfill",
+        "SchedulerParameters=sched_interval=5,bf_interval=5",  # a requeued or waiting job starts within seconds
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core_Memory",  # CPUs and memory are what jobs ask for and wait for
         "MpiDefault=none",

@@ -208,20 +208,32 @@ def test_a_job_killed_without_a_result_gets_a_failed_json(cluster, tmp_path, cap
     assert re.search(r"SLURM job \d+_?\d* ended \(CANCELLED\) without a result; its log: ", error)
 
 
-REQUEUED_RUN = ["trainer.device=cpu", "trainer.num_threads=1", "data.samples_per_class=80", "trainer.max_epochs=40"]
+REQUEUED_RUN = ["trainer.device=cpu", "trainer.num_threads=1", "data.samples_per_class=80", "seed=0"]
+# the run must outlast a job's first attempt: with timeout_min=2 and signal_delay_s=10 SLURM signals at most
+# 110 s after the start
+TRAIN_FOR_S = 140
+
+
+def epochs_for(seconds: float, folder: Path) -> int:
+    """How many epochs of REQUEUED_RUN take about `seconds` on this machine now: a short run measures it."""
+    main(["train", *REQUEUED_RUN, "trainer.max_epochs=3", f"hydra.run.dir={folder}"])
+    per_epoch = max(r["epoch_time_s"] for r in read_jsonl(folder / "metrics.jsonl")) * 1.2  # and its validation
+    return max(10, round(seconds / per_epoch))
 
 
 @pytest.mark.slow
 def test_a_job_that_hits_its_time_limit_is_requeued_and_ends_with_the_uninterrupted_numbers(cluster, tmp_path, capsys):
     """timeout_min=2 with the default signal_delay_s=120 (corrected to 10 s): SLURM signals the job 10-70 s
-    before its limit, submitit requeues it, it resumes from checkpoints/last.pt. The run is longer than a
-    limit, so it is requeued at least once."""
-    reference = subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *REQUEUED_RUN,
+    before its limit, submitit requeues it, and it resumes from checkpoints/last.pt. The run is sized to
+    this machine's speed to take longer than one attempt, so it is requeued at least once."""
+    epochs = epochs_for(TRAIN_FOR_S, tmp_path / "calibration")
+    run = [*REQUEUED_RUN, f"trainer.max_epochs={epochs}"]
+    reference = subprocess.Popen([sys.executable, "-m", "transfer_cli", "train", *run,
                                   f"hydra.run.dir={tmp_path / 'reference'}"], stdout=subprocess.DEVNULL)
     code, err = sweep([*LAUNCHER, "hydra.launcher.status_every_s=30", "hydra.launcher.cpus_per_task=1",
-                       "hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=6", *REQUEUED_RUN, "seed=0",
+                       "hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=8", *run,
                        f"hydra.sweep.dir={tmp_path / 'sweep'}"], capsys)
-    assert reference.wait(timeout=600) == 0
+    assert reference.wait(timeout=900) == 0
     assert code == 0, err[-3000:]
     assert "hydra.launcher.signal_delay_s=120 is not well below timeout_min=2 (120 s)" in err
     assert "using signal_delay_s=10" in err
@@ -233,5 +245,5 @@ def test_a_job_that_hits_its_time_limit_is_requeued_and_ends_with_the_uninterrup
 
     def curve(folder: Path) -> list:
         return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_acc1"]) for r in read_jsonl(folder / "metrics.jsonl")]
-    assert [epoch for epoch, *_ in curve(run_dir)] == list(range(40))  # contiguous: every epoch once
+    assert [epoch for epoch, *_ in curve(run_dir)] == list(range(epochs))  # contiguous: every epoch once
     assert curve(run_dir) == curve(tmp_path / "reference")
