@@ -79,8 +79,10 @@ class Strategy:
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
         """One optimizer group per trainable layer group; frozen groups are absent.
 
-        The head gets `lr * head_lr_mult`; with `layer_decay` = d, each body group's rate is the
-        rate of the group above it divided by d (ULMFiT's discriminative fine-tuning).
+        Discriminative fine-tuning (ULMFiT, eq. 2: η_{l-1} = η_l / 2.6): with `layer_decay` = d the
+        group directly below the head trains at lr / d, the next one down at lr / d², and so on. The
+        head trains at lr * head_lr_mult; the multiplier is for the new layer alone (ULMFiT has none,
+        head_lr_mult = 1), so the body's rates decay from lr, not from the head's rate.
         """
         names = model.group_names()
         body = names[:-1]
@@ -92,7 +94,7 @@ class Strategy:
             if name == HEAD:
                 group_lr = lr * self.head_lr_mult
             else:
-                depth_below_head = len(body) - body.index(name) - 1
+                depth_below_head = len(body) - body.index(name)  # 1 for the group directly below the head
                 group_lr = lr / (self.layer_decay**depth_below_head)
             groups.append({"name": name, "params": params, "lr": group_lr})
         if any(term.replaces_weight_decay for term in self.regularizers):
