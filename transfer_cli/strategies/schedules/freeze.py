@@ -42,9 +42,12 @@ class Freeze(LayerSchedule):
     the frozen bottom groups run once per example.
     """
 
-    def trainable_at(self, epoch: int, model: TransferModel) -> list[str]:
+    def stages(self, model: TransferModel) -> list[list[str]]:
         frozen = set(frozen_group_names(model, self.cfg.groups))
-        return [name for name in model.group_names() if name not in frozen]
+        return [[name for name in model.group_names() if name not in frozen]]
+
+    def stage_at(self, epoch: int, count: int) -> int:
+        return 0
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         train_exactly(model, self.trainable_at(0, model), self.freeze_bn)
