@@ -20,11 +20,14 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from transfer_cli.errors import TransferCliError
+from transfer_cli.job_names import job_name
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
+# hydra.sweep.subdir: a sweep job's folder named by its own overrides (job_names.py)
+OmegaConf.register_new_resolver("job_name", lambda overrides, exclude: job_name(overrides, exclude), replace=True)
 
 USAGE = """usage: transfer-cli COMMAND [ARGS]
 

@@ -47,6 +47,7 @@ class TrainState:
     epochs_since_best: int = 0
     train_time_s: float = 0.0
     train_samples: int = 0
+    stopped: bool = False  # training ended before max_epochs (the strategy or early stopping): a resume tests
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Trainer:
         state, carried_optimizer_state = self._start_or_resume()
         self.tracker.start(self.cfg, finished=read_jsonl(self.metrics_path))
         max_epochs = int(self.tcfg.max_epochs)
-        for epoch in range(state.epoch, max_epochs):
+        for epoch in range(state.epoch, state.epoch if state.stopped else max_epochs):
             self.begin_epoch(epoch, carried_optimizer_state)
             started = time.perf_counter()
             train = self._train_epoch(epoch, state)
@@ -138,12 +139,13 @@ class Trainer:
                 "best": improved,
                 "epoch_time_s": train_time,
             }
+            patience = self.tcfg.early_stopping_patience
+            state.stopped = bool(stop or (patience is not None and state.epochs_since_best >= int(patience)))
             if self.main:
                 append_jsonl(self.metrics_path, record)
                 self._save_checkpoint(state)  # after the metrics line: a resume drops lines past the checkpoint
                 self.tracker.log_metrics(epoch, record)  # after the checkpoint: a resume replays what it lacks
-            patience = self.tcfg.early_stopping_patience
-            if stop or (patience is not None and state.epochs_since_best >= int(patience)):
+            if state.stopped:
                 break
 
         if state.best_epoch >= 0:
