@@ -35,7 +35,10 @@ STRATEGY_KEY = "strategy.name"
 IGNORED_KEYS = frozenset({"seed", "name", "trainer.resume", "trainer.skip_done", "trainer.device",
                           "trainer.num_threads", "trainer.progress", "trainer.log_every",
                           "trainer.eval_batch_size", "data.num_workers"})
-IGNORED_PREFIXES = ("logger.",)
+# results.json's `weights` (where the body's weights came from) joins a done run's keys as weights.*: a
+# grouping key on request (--by weights.source), not by default (failed runs have no results.json)
+IGNORED_PREFIXES = ("logger.", "weights.")
+WEIGHTS_PREFIX = "weights."
 # Grouping keys come first in this order (then in config order): table columns and sort order.
 FIRST_KEYS = ("data.name", "backbone.name", SAMPLES_KEY, STRATEGY_KEY)
 
@@ -77,8 +80,10 @@ def load_run(folder: Path) -> Run:
     results_file, failed_file = folder / RESULTS, folder / FAILED
     results = json.loads(results_file.read_text()) if results_file.exists() else None
     error = json.loads(failed_file.read_text()).get("error", "failed") if failed_file.exists() else None
-    return Run(folder, load_config(folder / ".hydra" / "config.yaml"), results, error,
-               read_jsonl(folder / "metrics.jsonl") if results is not None else [])
+    config = load_config(folder / ".hydra" / "config.yaml")
+    if results is not None and isinstance(results.get("weights"), dict):
+        config.update(flatten(results["weights"], WEIGHTS_PREFIX))
+    return Run(folder, config, results, error, read_jsonl(folder / "metrics.jsonl") if results is not None else [])
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -24,6 +24,8 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
             "num_classes": num_classes,
         },
         "full_config": OmegaConf.to_container(cfg, resolve=True),
+        # where the body's weights came from: hub name, local file or folder and its sha256, or random init
+        "weights": getattr(model, "weights_origin", {"source": "unknown"}),
         "test": {**fit.test, "of": fit.test_examples},  # n of the split's `of` examples were tested
         "val": {"acc1": state.best_val_acc1, "loss": state.best_val_loss},
         "best_epoch": state.best_epoch,
