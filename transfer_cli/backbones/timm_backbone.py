@@ -21,6 +21,7 @@ from timm.models import parse_model_name
 from timm.models._manipulate import MATCH_PREV_GROUP, group_parameters
 from torch import nn
 
+from transfer_cli.backbones import origin
 from transfer_cli.backbones.registry import BACKBONES, few, first_line
 from transfer_cli.backbones.hub import cache_only_when_unreachable
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel, group_members
@@ -56,7 +57,7 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
     if pretrained and weights is not None:
         _load_state(body, _read_state_dict(weights), weights)
     feature_dim = getattr(body, "head_hidden_size", None) or body.num_features
-    return TimmModel(
+    model = TimmModel(
         body=body,
         head=nn.Linear(feature_dim, num_classes),
         group_modules=layer_groups(body),
@@ -65,6 +66,13 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
         modality="image",
         preprocessing=data_config(body, metadata, cfg.get("image_size")),
     )
+    if pretrained and weights is not None:
+        model.weights_origin = origin.local(weights)
+    elif pretrained and cfg.pretrained:
+        model.weights_origin = origin.hub(body.pretrained_cfg.get("hf_hub_id") or cfg.name)
+    else:
+        model.weights_origin = origin.random_init()
+    return model
 
 
 def _check_name(name: str) -> None:

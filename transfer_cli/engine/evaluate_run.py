@@ -38,7 +38,8 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Evaluate the run's selected weights on its test split; write eval.json beside results.json."""
     run, epoch, device = restore_run(cfg, run_dir)
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cfg.trainer.max_eval_batches)
+    cap = cfg.trainer.get("max_test_batches", cfg.trainer.get("max_eval_batches"))  # the name before trainer.max_test_batches
+    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cap)
     result = {"test": test, "epoch": epoch}
     write_json(RunFolder(run_dir).eval_file, result)
     return result

@@ -28,7 +28,9 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
             "num_classes": num_classes,
         },
         "full_config": OmegaConf.to_container(cfg, resolve=True),
-        "test": fit.test,
+        # where the body's weights came from: hub name, local file or folder and its sha256, or random init
+        "weights": getattr(model, "weights_origin", {"source": "unknown"}),
+        "test": {**fit.test, "of": fit.test_examples},  # n of the split's `of` examples were tested
         "val": {"acc1": state.best_val_acc1, "loss": state.best_val_loss},
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
@@ -52,3 +54,13 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
+
+
+def summary(results: dict[str, Any]) -> str:
+    """The line `train` prints: the test numbers, on how many test examples, and where the time went."""
+    test, spent = results["test"], results.get("time", {})
+    examples = f"{test['n']} of {test['of']}" if test.get("of") not in (None, test["n"]) else f"{test['n']}"
+    phases = ", ".join(f"{name} {spent[f'{name}_s']:.1f}s" for name in ("data", "model", "setup", "train", "val", "test")
+                       if spent.get(f"{name}_s", 0.0) >= 0.05)
+    return (f"test acc1 {test['acc1']:.4f}  loss {test['loss']:.4f} on {examples} test examples  "
+            f"(best epoch {results['best_epoch']}; {spent.get('wall_s', results['train_time_s']):.1f}s: {phases})")

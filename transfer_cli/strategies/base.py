@@ -9,7 +9,7 @@ strategy can carry any of them.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -71,6 +71,11 @@ class Strategy:
         for term in self.regularizers:
             term.setup(model, train_loader, device)
 
+    def plan(self, model: TransferModel, max_epochs: int) -> Optional[str]:
+        """Learn the run's epoch budget before `setup` (chain-thaw sizes its stages from it); return one
+        line when the strategy cannot finish within `max_epochs` (the loop prints it), None when it can."""
+        return None
+
     def wrap_loader(self, split: str, loader: Any) -> Any:
         """The loader the loop iterates for `split` (train, val or test), after `setup`; feature caching
         serves precomputed features through it."""
@@ -79,8 +84,10 @@ class Strategy:
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
         """One optimizer group per trainable layer group; frozen groups are absent.
 
-        The head gets `lr * head_lr_mult`; with `layer_decay` = d, each body group's rate is the
-        rate of the group above it divided by d (ULMFiT's discriminative fine-tuning).
+        Discriminative fine-tuning (ULMFiT, eq. 2: η_{l-1} = η_l / 2.6): with `layer_decay` = d the
+        group directly below the head trains at lr / d, the next one down at lr / d², and so on. The
+        head trains at lr * head_lr_mult; the multiplier is for the new layer alone (ULMFiT has none,
+        head_lr_mult = 1), so the body's rates decay from lr, not from the head's rate.
         """
         names = model.group_names()
         body = names[:-1]
@@ -92,7 +99,7 @@ class Strategy:
             if name == HEAD:
                 group_lr = lr * self.head_lr_mult
             else:
-                depth_below_head = len(body) - body.index(name) - 1
+                depth_below_head = len(body) - body.index(name)  # 1 for the group directly below the head
                 group_lr = lr / (self.layer_decay**depth_below_head)
             groups.append({"name": name, "params": params, "lr": group_lr})
         if any(term.replaces_weight_decay for term in self.regularizers):
@@ -103,8 +110,15 @@ class Strategy:
         """Change what trains at this epoch; return True when the optimizer must be rebuilt."""
         return False
 
-    def on_epoch_end(self, epoch: int, model: TransferModel, val: Mapping[str, float]) -> bool:
-        """See the epoch's validation metrics (early-stopped stages); return True to end training."""
+    def fit_epoch(self, epoch: int, model: TransferModel) -> Optional[dict[str, Any]]:
+        """Train epoch `epoch` with the strategy's own solver instead of the loop's gradient steps (the
+        L-BFGS linear probe); return what the loop's epoch returns (train loss, acc1, samples,
+        samples_per_s). None, the default: the loop trains."""
+        return None
+
+    def on_epoch_end(self, epoch: int, model: TransferModel, val: Optional[Mapping[str, float]]) -> bool:
+        """See the epoch's validation metrics (early-stopped stages; None: an epoch that
+        `trainer.val_every` did not validate); return True to end training."""
         return False
 
     def epoch_stats(self) -> dict[str, float]:
