@@ -29,4 +29,4 @@ def first_line(error: BaseException) -> str:
 
 
 # Imported last: they register into BACKBONES.
-from transfer_cli.backbones import hf_backbone, timm_backbone  # noqa: E402,F401
+from transfer_cli.backbones import efficientnet_lite0, hf_backbone, timm_backbone  # noqa: E402,F401
