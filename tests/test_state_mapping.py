@@ -22,7 +22,7 @@ def source_model(name: str) -> torch.nn.Module:
     model = timm.create_model(name, num_classes=7)
     model.train()
     with torch.no_grad():
-        model(images(n=4, size=64, seed=3)["pixel_values"])
+        model(images(n=4, size=model.pretrained_cfg["input_size"][-1], seed=3)["pixel_values"])
     return model.eval()
 
 
@@ -102,7 +102,7 @@ def test_original_convnext_checkpoints_load_through_timms_converter(tmp_path, ca
     assert "downsample_layers.1.1.weight" in state and "stages.1.0.dwconv.weight" in state and "head.weight" in state
     torch.save({"model": state}, tmp_path / "convnext_fb.pth")
     loaded = load("test_convnext", tmp_path / "convnext_fb.pth")
-    assert "converted to test_convnext's names by timm's checkpoint_filter_fn" in capsys.readouterr().err
+    assert "fitted to test_convnext's names and sizes by timm's checkpoint_filter_fn" in capsys.readouterr().err
     batch = images(size=64)["pixel_values"]
     assert torch.allclose(loaded.source_head()(loaded.features({"pixel_values": batch})), original(batch), atol=1e-5)
 
@@ -123,3 +123,13 @@ def test_hub_weights_keep_their_classifier_as_the_source_head(tmp_path, monkeypa
     assert model.head.out_features == NUM_CLASSES
     assert torch.allclose(model.source_head()(model.features({"pixel_values": batch})), original(batch), atol=1e-6)
     assert build_backbone(backbone_cfg("timm", name="test_resnet"), NUM_CLASSES).source_head() is None
+
+
+def test_a_fixed_size_vit_is_built_for_the_image_size_and_its_weights_resampled(tmp_path, capsys):
+    original = source_model("test_vit3")  # position embeddings for 160 px
+    torch.save(original.state_dict(), tmp_path / "vit160.pth")
+    model = build_backbone(backbone_cfg("timm", name="test_vit3", weights=str(tmp_path / "vit160.pth"), image_size=64),
+                           NUM_CLASSES).eval()
+    assert "by timm's checkpoint_filter_fn" in capsys.readouterr().err
+    assert model(images(size=64)).shape == (2, NUM_CLASSES)
+    assert torch.equal(model.body.blocks[0].attn.qkv.weight, original.blocks[0].attn.qkv.weight)

@@ -67,7 +67,7 @@ def fit_state_dict(
         fitted, _ = _by_name(converted, expected, classifier)
         if fitted is not None:
             fitted.how = "checkpoint_filter_fn"
-            print(f"{source}: converted to {model_name}'s names by timm's checkpoint_filter_fn "
+            print(f"{source}: fitted to {model_name}'s names and sizes by timm's checkpoint_filter_fn "
                   f"({len(fitted.body)} tensors)", file=sys.stderr)
             return fitted
     fitted, by_order = _by_order(state, expected, feature_dim)

@@ -18,7 +18,7 @@ import timm
 import torch
 from omegaconf import DictConfig
 from timm.data import resolve_data_config
-from timm.models import parse_model_name
+from timm.models import get_pretrained_cfg_value, parse_model_name
 from timm.models._manipulate import MATCH_PREV_GROUP, group_parameters
 from torch import nn
 
@@ -47,7 +47,8 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
     """Any timm image model (timm.create_model), pretrained from timm's hub/cache or a local weights file."""
     _check_name(cfg.name)
     weights = _weights_path(cfg.weights)
-    body, source_classifier = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate))
+    body, source_classifier = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate),
+                                      cfg.get("image_size"))
     metadata = _file_metadata(weights)
     architecture = metadata.get("architecture")
     if architecture and architecture != body.pretrained_cfg.get("architecture"):
@@ -81,11 +82,17 @@ def _check_name(name: str) -> None:
         )
 
 
-def _create(name: str, from_hub: bool, drop_rate: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """The body without a classifier, and the hub weights' own classifier (kept as the source head)."""
+def _create(name: str, from_hub: bool, drop_rate: float, image_size: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The body without a classifier, and the hub weights' own classifier (kept as the source head).
+
+    A network built for one input size (ViT, Swin, MaxViT: position embeddings, attention windows)
+    is built for `image_size` when it is given; timm resamples pretrained position tables to it.
+    """
+    sized = {"img_size": _height_width(image_size)} if image_size and _fixed_input_size(name) else {}
     try:
         with cache_only_when_unreachable():
-            body = timm.create_model(name, pretrained=from_hub, num_classes=None if from_hub else 0, drop_rate=drop_rate)
+            body = timm.create_model(name, pretrained=from_hub, num_classes=None if from_hub else 0,
+                                     drop_rate=drop_rate, **sized)
     except OSError as e:  # offline and not in the cache: huggingface_hub's not-found errors are OSErrors
         raise TransferCliError(
             f"cannot fetch pretrained weights for timm model {name!r} ({first_line(e)}); "
@@ -97,6 +104,19 @@ def _create(name: str, from_hub: bool, drop_rate: float) -> tuple[nn.Module, dic
     kept = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if isinstance(classifier, nn.Linear) else {}
     body.reset_classifier(0)
     return body, kept
+
+
+def _fixed_input_size(name: str) -> bool:
+    try:
+        return bool(get_pretrained_cfg_value(name, "fixed_input_size"))
+    except RuntimeError:  # an hf-hub: model's config is known only once downloaded
+        return False
+
+
+def _height_width(image_size: Any) -> tuple[int, int]:
+    """backbone.image_size: an int, or [height, width]."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return int(height), int(width)
 
 
 # ---- weights files ---------------------------------------------------------------------------
@@ -181,8 +201,7 @@ def data_config(body: nn.Module, metadata: Mapping[str, str], image_size: Any = 
         "crop_pct": float(resolved["crop_pct"]),
     }
     if image_size is not None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        config["input_size"] = (config["input_size"][0], int(height), int(width))
+        config["input_size"] = (config["input_size"][0], *_height_width(image_size))
     return config
 
 
