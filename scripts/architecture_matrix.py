@@ -14,7 +14,10 @@ trained on the sentiment task's sentences), and the real all-MiniLM-L6-v2.
 
 A cell is the command line a user would type: `transfer-cli train trainer=smoke ...` (2 epochs of 2
 batches of 8) then `transfer-cli eval run=...`, called through the CLI's entry point in one worker
-process per model, so the imports are paid once per model. Outcomes:
+process per model, so the imports are paid once per model. trainer=smoke caps the training loop but
+not what a strategy does before it, so the cells shorten that too (SETUP_OVERRIDES: DELTA's channel
+attention on one batch after a one-epoch probe, TransTailor's factors trained one epoch and pruned in
+one round); the code paths are the same. Outcomes:
   ok       trained and evaluated;
   refused  exit status 2 with one line before any epoch was trained (the method does not apply);
   failed   a traceback, or an error once training had begun.
@@ -42,6 +45,11 @@ SENTIMENT = PACKAGE / "assets" / "sentiment"
 BASELINE = "finetune"
 RESULT_PREFIX = "MATRIX_CELL "
 
+#: strategy -> overrides that shorten its setup (smoke caps only the training loop); same code paths
+SETUP_OVERRIDES = {
+    "delta": ["strategy.attention_epochs=1", "strategy.attention_batches=1"],
+    "transtailor": ["strategy.alpha.epochs=1", "strategy.alpha.recovery_epochs=1", "strategy.prune.step=0.3"],
+}
 IMAGE_DATA = ["data=digits", "backbone.image_size=64"]
 TEXT_DATA = ["data=csv_text", f"data.train_file={SENTIMENT / 'train.csv'}", f"data.test_file={SENTIMENT / 'test.csv'}",
              "data.samples_per_class=8", "data.max_length=32", "optim=adamw", "optim.lr=0.0002"]
@@ -165,7 +173,7 @@ def run_cell(model: str, strategy: str, overrides: list[str], run_dir: Path, ext
     from transfer_cli.cli import main
 
     train = ["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={run_dir}", f"strategy={strategy}",
-             *overrides, *extra]
+             *overrides, *SETUP_OVERRIDES.get(strategy, []), *extra]
     cell = {"model": model, "strategy": strategy}
     code, message = _call(main, train)
     if code == 0:
@@ -177,12 +185,13 @@ def run_cell(model: str, strategy: str, overrides: list[str], run_dir: Path, ext
         return {**cell, "outcome": "ok", "acc1": results["test"]["acc1"],
                 "ms_per_step": 1000 * float(results["train_time_s"]) / steps}
     started = bool(_last_metrics(run_dir))
-    outcome = "refused" if code == 2 and not started and "Traceback" not in message else "failed"
-    return {**cell, "outcome": outcome, "message": message.splitlines()[-1] if message else f"exit status {code}"}
+    outcome = "refused" if code == 2 and not started and not message.startswith("Traceback") else "failed"
+    return {**cell, "outcome": outcome, "message": message}
 
 
 def _call(main, argv: list[str]) -> tuple[int, str]:
-    """Exit status and the error the CLI printed (its `transfer-cli: error:` line, or a traceback's last line)."""
+    """Exit status and the error the CLI printed: its `transfer-cli: error:` line, or for a crash
+    "Traceback: " and the exception's line (Hydra's own advice lines skipped)."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -190,15 +199,15 @@ def _call(main, argv: list[str]) -> tuple[int, str]:
         return 0, ""
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
-    except Exception:  # noqa: BLE001 - a crash is a failed cell, with its traceback kept
+    except Exception:  # noqa: BLE001 - a crash is a failed cell
         err.write(traceback.format_exc())
         code = 1
     lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("transfer-cli: error:")]
     if errors and code == 2:
         return code, errors[-1][len("transfer-cli: error:"):].strip()
-    text = "\n".join(lines[-40:])
-    return code, ("Traceback " if "Traceback" in text else "") + (lines[-1] if lines else "")
+    crash = [ln for ln in lines if not ln.startswith((" ", "Set the environment variable HYDRA_FULL_ERROR"))]
+    return code, "Traceback: " + (crash[-1] if crash else f"exit status {code}")
 
 
 def _last_metrics(run_dir: Path) -> dict:
@@ -230,11 +239,16 @@ def run_model(model: str, strategies: list[str], extra: list[str], timeout: floa
     done = {r["strategy"] for r in records}
     records += [{"model": model, "strategy": s, "outcome": "failed", "message": f"worker: {why}"} for s in strategies if s not in done]
     print(f"{model}: " + ", ".join(f"{r['strategy']} {r['outcome']}" for r in records), file=sys.stderr, flush=True)
+    for r in records:
+        if r["outcome"] != "ok":
+            print(f"  {r['strategy']} {r['outcome']}: {r['message']}", file=sys.stderr, flush=True)
     return records
 
 
 # ---- the table ---------------------------------------------------------------------------------
-def cell_text(record: dict, baseline: dict | None) -> str:
+def cell_text(record: dict | None, baseline: dict | None) -> str:
+    if record is None:
+        return "–"
     if record["outcome"] != "ok":
         return record["outcome"]
     if baseline and baseline.get("outcome") == "ok" and baseline["ms_per_step"] > 0:
@@ -246,7 +260,7 @@ def table(records: list[dict], models: list[str], strategies: list[str]) -> list
     by_cell = {(r["model"], r["strategy"]): r for r in records}
     lines = ["| strategy | " + " | ".join(f"`{m}`" for m in models) + " |", "|---|" + "---|" * len(models)]
     for strategy in strategies:
-        cells = [cell_text(by_cell[(m, strategy)], by_cell.get((m, BASELINE))) for m in models]
+        cells = [cell_text(by_cell.get((m, strategy)), by_cell.get((m, BASELINE))) for m in models]
         lines.append(f"| `{strategy}` | " + " | ".join(cells) + " |")
     return lines
 
@@ -267,7 +281,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategies", default=None, help="comma-separated (default: every strategy the CLI accepts)")
     parser.add_argument("--override", action="append", default=[], help="an extra KEY=VALUE for every cell")
     parser.add_argument("--jobs", type=int, default=1, help="models run at a time")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per model's worker")
+    parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per model's worker")
     parser.add_argument("--markdown", default=None, help="also write the table and notes to this file")
     parser.add_argument("--json", default=None, help="also write every cell's record to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
