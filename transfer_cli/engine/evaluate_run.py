@@ -49,5 +49,5 @@ def export_run(cfg: DictConfig, run_dir: Path, out: Path) -> None:
     run, epoch, _ = restore_run(cfg, run_dir)
     if run.strategy.export_caveat:
         print(f"transfer-cli: note: strategy={cfg.strategy.name}: {run.strategy.export_caveat}", file=sys.stderr)
-    export_body(run.model.cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
+    export_body(run.strategy.export_model(run.model).cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
                                        "source_classes": ",".join(run.data.class_names)})
