@@ -4,6 +4,7 @@ from omegaconf import DictConfig
 from transfer_cli.strategies import (  # noqa: F401  (registration)
     adafilter, bss, chain_thaw, delta, finetune, freeze, gradual_unfreeze, l2sp, scratch, sequential_unfreeze,
     spottune, transtailor)
+from transfer_cli.strategies import peft  # noqa: F401,E402  (registration: lora, adapter, bitfit, vpt, ssf)
 from transfer_cli.strategies.base import STRATEGIES, Strategy
 
 
