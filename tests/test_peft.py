@@ -168,6 +168,26 @@ def test_the_exported_plain_backbone_gives_the_unmerged_logits(label, kind, tiny
     torch.testing.assert_close(logits(exported, batch), logits(model, batch), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_convnext"])
+@pytest.mark.parametrize("label", ["lora", "adapter", "ssf"])
+def test_other_timm_families_start_pretrained_and_ssf_and_lora_fold_exactly(label, name):
+    """EfficientNet: timm's BatchNormAct2d (its activation inside), depthwise convolutions; ConvNeXt: channels-first
+    LayerNorm2d, a Linear MLP in its blocks."""
+    torch.manual_seed(0)
+    model = build_backbone(OmegaConf.create({"kind": "timm", "name": name, "pretrained": False, "weights": None,
+                                             "image_size": 64, "drop_rate": 0.0}), num_classes=3)
+    pretrained, batch = copy.deepcopy(model), {"pixel_values": torch.randn(2, 3, 64, 64)}
+    strategy = set_up(label, model)
+    assert strategy.method_parameters() and torch.equal(logits(model, batch), logits(pretrained, batch))
+    with torch.no_grad():
+        for p in strategy.method_parameters().values():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.equal(logits(model, batch), logits(pretrained, batch))  # (ConvNeXt's layer scale starts at 1e-6)
+    if label != "adapter":
+        torch.testing.assert_close(logits(strategy.export_model(model), batch), logits(model, batch),
+                                   rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("label,kind", cases(["vpt", "vpt_deep", "adapter"]))
 def test_with_the_prompts_or_adapters_removed_the_model_is_the_pretrained_one(label, kind, tmp_path, tiny_bert):
     model, loader = backbone(kind, tiny_bert)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import timm.layers as timm_layers
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -70,9 +71,14 @@ def strip(model: TransferModel) -> None:
         delattr(model, CONTAINER)
 
 
+#: layers whose output keeps its channels in dim 1 (B, C, H, W); every other layer keeps them last
+CHANNELS_FIRST = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, timm_layers.LayerNorm2d,
+                  timm_layers.LayerNorm2dFp32, timm_layers.LayerNormAct2d, timm_layers.LayerNormAct2dFp32)
+
+
 def channel_axis(module: nn.Module) -> int:
-    """Where a layer's output keeps its channels: dim 1 for convolutions and BatchNorm, the last otherwise."""
-    return 1 if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) else -1
+    """Where a layer's output keeps its channels."""
+    return 1 if isinstance(module, CHANNELS_FIRST) else -1
 
 
 def first_output(output: object) -> torch.Tensor:

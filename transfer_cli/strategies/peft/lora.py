@@ -73,7 +73,8 @@ class LoRA(PeftStrategy):
 def target_modules(model: TransferModel, setting: Any) -> Any:
     """peft's `target_modules` for the body: the user's regex (str) or name suffixes (list), or with `auto`
     the family's preset: peft's own table for Hugging Face encoders (BERT: query, value, the paper's W_q
-    and W_v), a timm ViT's fused `attn.qkv`, else every ungrouped convolution inside the blocks (a CNN)."""
+    and W_v), a timm ViT's fused `attn.qkv`, else every ungrouped convolution and Linear layer inside the
+    blocks (a CNN; a ConvNeXt's MLP)."""
     if isinstance(setting, (list, ListConfig)):
         return [str(s) for s in setting]
     if setting != "auto":
@@ -89,12 +90,12 @@ def target_modules(model: TransferModel, setting: Any) -> Any:
         return list(PRESETS[model_type])
     if any(name.endswith("attn.qkv") and isinstance(m, nn.Linear) for name, m in body.named_modules()):
         return ["attn.qkv"]
-    convs = [f"{block}.{name}".removeprefix("body.") for block, module in model.blocks()
-             for name, m in module.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
-    if not convs:
-        raise TransferCliError(f"no LoRA preset for this backbone (no attn.qkv, no convolutions in blocks); set "
+    layers = [f"{block}.{name}".removeprefix("body.") for block, module in model.blocks()
+              for name, m in module.named_modules() if isinstance(m, LAYERS) and getattr(m, "groups", 1) == 1]
+    if not layers:
+        raise TransferCliError(f"no LoRA preset for this backbone (no attn.qkv, no layers in blocks); set "
                                f"strategy.target_modules (its layers: {layer_names(body)})")
-    return convs
+    return layers
 
 
 def check_targets(config: Any, body: nn.Module, setting: Any) -> None:

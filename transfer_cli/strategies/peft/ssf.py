@@ -18,30 +18,43 @@ from torch import nn
 from transfer_cli.backbones.model import TransferModel
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import STRATEGIES
-from transfer_cli.strategies.peft.additions import Added, add_modules, added_modules, channel_axis, first_output, \
-    replace_first, strip
+from transfer_cli.strategies.peft.additions import (Added, add_modules, added_modules, channel_axis, first_output,
+                                                    replace_first, strip)
 from transfer_cli.strategies.peft.shared import PeftStrategy, plain_copy
 
-FOLDABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+FOLDABLE = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
 class ScaleShift(Added):
-    """γ ⊙ y + β on the output y of the module `target`, per channel; γ = 1, β = 0 at the start."""
+    """γ ⊙ y + β on the output y of the module `target`, per channel; γ = 1, β = 0 at the start.
 
-    def __init__(self, target: str, channels: int, axis: int):
+    timm's norm-and-activation layers (BatchNormAct2d, ...) apply their activation inside: there y is the
+    input of their `act`, the norm's own output, so that the map still folds into the norm.
+    """
+
+    def __init__(self, target: str, channels: int, axis: int, before_act: bool = False):
         super().__init__(target)
-        self.axis = axis
+        self.axis, self.before_act = axis, before_act
         self.scale = nn.Parameter(torch.ones(channels))
         self.shift = nn.Parameter(torch.zeros(channels))
 
     def attach(self, model: TransferModel) -> None:
-        self.keep(model.get_submodule(self.target).register_forward_hook(self.after))
+        module = model.get_submodule(self.target)
+        if self.before_act:
+            self.keep(module.act.register_forward_pre_hook(self.before))
+        else:
+            self.keep(module.register_forward_hook(self.after))
 
-    def after(self, _module: nn.Module, _args: tuple, output: object) -> object:
-        y = first_output(output)
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
         shape = [1] * y.dim()
         shape[self.axis] = -1
-        return replace_first(output, torch.addcmul(self.shift.view(shape), y, self.scale.view(shape)))
+        return torch.addcmul(self.shift.view(shape), y, self.scale.view(shape))
+
+    def after(self, _module: nn.Module, _args: tuple, output: object) -> object:
+        return replace_first(output, self.apply(first_output(output)))
+
+    def before(self, _act: nn.Module, args: tuple) -> tuple:
+        return (self.apply(args[0]), *args[1:])
 
     @torch.no_grad()
     def fold(self, module: nn.Module) -> None:
@@ -55,7 +68,8 @@ def scale_shifts(model: TransferModel, types: tuple[type, ...] = FOLDABLE) -> li
     added = []
     for name, module in model.body.named_modules():
         if isinstance(module, types) and _has(module, "weight") and _has(module, "bias") and module.bias.dim() == 1:
-            added.append(ScaleShift(f"body.{name}", module.bias.numel(), channel_axis(module)))
+            before_act = isinstance(getattr(module, "act", None), nn.Module)
+            added.append(ScaleShift(f"body.{name}", module.bias.numel(), channel_axis(module), before_act))
     return added
 
 
