@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 
 import transfer_cli
 from transfer_cli.backbones import build_backbone
-from transfer_cli.cli import main, run_config
+from transfer_cli.cli import compose_config, main, run_config
 from transfer_cli.engine import distributed
 from transfer_cli.engine.evaluate_run import restore_run
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError
+from transfer_cli.reporting.results import parameter_counts
 from transfer_cli.strategies import build_strategy
 from transfer_cli.strategies.peft.additions import strip
 from tests.test_distributed import free_port, join_group, loader as tensor_loader
@@ -303,8 +304,6 @@ def test_results_report_the_trainable_share(tmp_path):
     cfg = strategy_config("bitfit", max_epochs=1)
     strategy = build_strategy(cfg)
     Trainer(model, strategy, ToyLoader(), ToyLoader(), ToyLoader(), cfg, tmp_path).fit()
-    from transfer_cli.reporting.results import parameter_counts
-
     counts = parameter_counts(model)
     biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") and n.startswith("body."))
     head = sum(p.numel() for p in model.head.parameters())
@@ -404,3 +403,12 @@ def test_analyze_runs_on_bitfit_and_refuses_a_changed_structure_in_one_line(tmp_
     with pytest.raises(SystemExit) as stop:
         main(["analyze", "cka", str(tmp_path / "lora")])
     assert stop.value.code == 2 and "changes the model's structure" in capsys.readouterr().err
+
+
+def test_the_shipped_vit_source_model_builds_at_its_own_resolution():
+    cfg = compose_config(["experiment=fmnist_fewshot_vit", "strategy=vpt"])
+    model = build_backbone(cfg.backbone, num_classes=5)
+    assert model.preprocessing["input_size"] == (3, 64, 64) and model.body.pretrained_cfg["architecture"] == "test_vit"
+    torch.manual_seed(0)
+    assert not torch.equal(model.body.pos_embed, build_backbone(OmegaConf.merge(cfg.backbone, {"weights": None}),
+                                                                num_classes=5).body.pos_embed)
