@@ -2,7 +2,7 @@
 
 A per-channel scale γ and shift β after every operation of the body: y ↦ γ ⊙ y + β. The paper puts them
 after each linear layer, attention projection, MLP layer and norm of a ViT (LAMDA-PILOT's `vit_ssf`
-likewise); here every Linear, Conv2d, LayerNorm and BatchNorm with a weight and a bias gets one, which
+likewise); here every Linear, Conv2d, LayerNorm, GroupNorm and BatchNorm with a weight and a bias gets one, which
 covers a ViT, a BERT-like encoder and a CNN (whose convolutions have no bias: the BatchNorm after
 each takes it). Because each sits right after a layer with a bias, it folds into that layer exactly
 (W ← γ·W, b ← γ·b + β): `export` writes a plain backbone that reproduces the run.
@@ -45,16 +45,16 @@ class ScaleShift(Added):
         else:
             self.keep(module.register_forward_hook(self.after))
 
-    def apply(self, y: torch.Tensor) -> torch.Tensor:
+    def transform(self, y: torch.Tensor) -> torch.Tensor:
         shape = [1] * y.dim()
         shape[self.axis] = -1
         return torch.addcmul(self.shift.view(shape), y, self.scale.view(shape))
 
     def after(self, _module: nn.Module, _args: tuple, output: object) -> object:
-        return replace_first(output, self.apply(first_output(output)))
+        return replace_first(output, self.transform(first_output(output)))
 
     def before(self, _act: nn.Module, args: tuple) -> tuple:
-        return (self.apply(args[0]), *args[1:])
+        return (self.transform(args[0]), *args[1:])
 
     @torch.no_grad()
     def fold(self, module: nn.Module) -> None:
