@@ -51,12 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_one_process(rank: int, world_size: int, port: int, out: str) -> None:
-    """One torchrun-like process: join the group, train the toy model, save what the test checks."""
+def join_group(rank: int, world_size: int, port: int) -> None:
+    """What torchrun gives a process: its place in the environment, then the gloo group joined."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init("cpu")
+
+
+def train_one_process(rank: int, world_size: int, port: int, out: str) -> None:
+    """One torchrun-like process: join the group, train the toy model, save what the test checks."""
+    join_group(rank, world_size, port)
     try:
         torch.manual_seed(0)
         cfg = toy_config(max_epochs=EPOCHS)

@@ -35,10 +35,7 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
         "steps": state.step,
-        "params": {
-            "total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        },
+        "params": parameter_counts(model),
         "train_time_s": state.train_time_s,
         "samples_per_s": state.train_samples / state.train_time_s if state.train_time_s > 0 else 0.0,
         "device": fit.device,
@@ -46,6 +43,16 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
         "versions": {"python": platform.python_version(), "transfer_cli": transfer_cli.__version__,
                      **{name: _version(name) for name in ("torch", "timm", "transformers")}},
     }
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
+    """Total and trainable parameters, the trainable share (%), and the bytes of the trainable ones: what a task
+    must store beside the pretrained body when the rest of it stays frozen (the whole model for fine-tuning)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in trainable)
+    return {"total": total, "trainable": count, "trainable_pct": 100.0 * count / total if total else 0.0,
+            "trainable_bytes": sum(p.numel() * p.element_size() for p in trainable)}
 
 
 def _version(package: str) -> str:

@@ -148,6 +148,11 @@ class Strategy:
         """Sections this strategy adds to results.json (TransTailor: `pruning`); none by default."""
         return {}
 
+    def export_model(self, model: TransferModel) -> TransferModel:
+        """The model whose body `transfer-cli export` writes: `model` itself, or a plain copy with what the
+        strategy added folded into the body's own layers (LoRA merged); `export_caveat` says what is lost."""
+        return model
+
     def state_dict(self) -> dict[str, Any]:
         return {"regularizers": {term.name: term.state_dict() for term in self.regularizers}}
 
