@@ -57,6 +57,8 @@ class TransferModel(nn.Module):
         modality: "image" or "text"; decides which preprocessor builds batches.
         preprocessing: the backbone's own data config (image size, mean, std, interpolation, crop) or
             {"tokenizer": ...} for text.
+        source_classifier: the pretrained model's own classifier ({"weight", "bias"}), when its weights
+            had one; see `source_head`.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class TransferModel(nn.Module):
         feature_dim: int,
         modality: str,
         preprocessing: Mapping[str, Any],
+        source_classifier: Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.body = body
@@ -76,6 +79,7 @@ class TransferModel(nn.Module):
         self.modality = modality
         self.preprocessing = dict(preprocessing)
         self._block_names = tuple(block_names)
+        self._source_classifier = {k: v.detach().clone() for k, v in (source_classifier or {}).items()}
         self._frozen_bn: set[str] = set()
         if HEAD in group_modules:
             raise ValueError(f"group name {HEAD!r} is reserved for the new classifier; rename the body's group")
@@ -148,6 +152,24 @@ class TransferModel(nn.Module):
                         if isinstance(m, nn.modules.batchnorm._BatchNorm):
                             m.eval()
         return self
+
+    # ---- the source task ---------------------------------------------------------------------
+    def source_head(self) -> nn.Linear | None:
+        """A new copy of the source model's classifier on the features (e.g. its 1000 ImageNet classes),
+        or None when the weights had none (random init, a text encoder, an exported body).
+
+        It is not part of the model: no group, no parameter count, not in checkpoints, so every
+        strategy that ignores the source task is unaffected. A method that needs the source task's
+        outputs (Co-Tuning's relationship, LwF's distillation) takes this copy in `setup` and owns it
+        (trains it, or keeps it frozen, and saves it in its own state).
+        """
+        if not self._source_classifier:
+            return None
+        weight = self._source_classifier["weight"]
+        bias = self._source_classifier.get("bias")
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        head.load_state_dict(self._source_classifier)
+        return head.to(next(self.head.parameters()).device)
 
     # ---- blocks and feature maps -------------------------------------------------------------
     def blocks(self) -> list[tuple[str, nn.Module]]:
