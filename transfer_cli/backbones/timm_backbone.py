@@ -45,7 +45,7 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
     """Any timm image model (timm.create_model), pretrained from timm's hub/cache or a local weights file."""
     _check_name(cfg.name)
     weights = _weights_path(cfg.weights)
-    body = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate))
+    body, source_classifier = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate))
     metadata = _file_metadata(weights)
     architecture = metadata.get("architecture")
     if architecture and architecture != body.pretrained_cfg.get("architecture"):
@@ -54,7 +54,7 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
             f"set backbone.name={architecture}"
         )
     if pretrained and weights is not None:
-        _load_state(body, _read_state_dict(weights), weights)
+        source_classifier = _load_state(body, _read_state_dict(weights), weights)
     feature_dim = getattr(body, "head_hidden_size", None) or body.num_features
     return TimmModel(
         body=body,
@@ -64,6 +64,7 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
         feature_dim=feature_dim,
         modality="image",
         preprocessing=data_config(body, metadata, cfg.get("image_size")),
+        source_classifier=source_classifier,
     )
 
 
@@ -78,15 +79,23 @@ def _check_name(name: str) -> None:
         )
 
 
-def _create(name: str, from_hub: bool, drop_rate: float) -> nn.Module:
+def _create(name: str, from_hub: bool, drop_rate: float) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The body without a classifier, and the hub weights' own classifier (kept as the source head)."""
     try:
         with cache_only_when_unreachable():
-            return timm.create_model(name, pretrained=from_hub, num_classes=0, drop_rate=drop_rate)
+            body = timm.create_model(name, pretrained=from_hub, num_classes=None if from_hub else 0,
+                                     drop_rate=drop_rate)
     except OSError as e:  # offline and not in the cache: huggingface_hub's not-found errors are OSErrors
         raise TransferCliError(
             f"cannot fetch pretrained weights for timm model {name!r} ({first_line(e)}); "
             "offline, pass a local file with backbone.weights=<file.safetensors|.pth> or set backbone.pretrained=false"
         ) from None
+    if not from_hub:
+        return body, {}
+    classifier = body.get_classifier()
+    kept = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if isinstance(classifier, nn.Linear) else {}
+    body.reset_classifier(0)
+    return body, kept
 
 
 # ---- weights files ---------------------------------------------------------------------------
@@ -136,10 +145,12 @@ def _strip_transfer_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, to
     return {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
 
 
-def _load_state(body: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load strictly, except for the source model's classifier (the target gets a new head)."""
+def _load_state(body: nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Load strictly, except for the source model's classifier (the target gets a new head), which is
+    returned ({"weight", "bias"}, or {} when the file has none) to be kept as the source head."""
     classifier = body.pretrained_cfg.get("classifier") or ()
     prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
+    kept = {k[len(prefixes[0]):]: v for k, v in state.items() if prefixes and k.startswith(prefixes[0])}
     state = {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
     expected = body.state_dict()
     problems = {
@@ -154,6 +165,7 @@ def _load_state(body: nn.Module, state: dict[str, torch.Tensor], path: Path) -> 
             "check backbone.name matches the model the file was saved from"
         )
     body.load_state_dict(state)
+    return kept if set(kept) in ({"weight"}, {"weight", "bias"}) and kept["weight"].ndim == 2 else {}
 
 
 # ---- data config ----------------------------------------------------------------------------
