@@ -43,11 +43,41 @@ class Regularizer:
         """The term's loss values by name, for this training batch."""
         raise NotImplementedError
 
+    def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
+        """Optimizer groups for what the term trains besides the model's layer groups (Co-Tuning's source
+        head, Bi-Tuning's projector, L2T-ww's regressors). Those modules are attached to the model
+        (`attach`), so checkpoints hold them and their optimizer state resumes by name."""
+        return []
+
+    def wrap_loader(self, split: str, loader: Any) -> Any:
+        """The loader the loop iterates for `split`, after the strategy's own wrapping (LwF adds each
+        example's index, to find the source outputs it stored for it)."""
+        return loader
+
+    def on_step_end(self, model: TransferModel, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+        """After each optimizer step, on the same batch (L2T-ww's look-ahead steps and meta-update)."""
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Numbers about the epoch just trained, merged into its metrics.jsonl line (Hybrid Forward's
+        per-path losses); called once per epoch."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`; called before `setup`, which must then keep the restored state."""
+
+
+#: where a term's trainable modules sit in the model: `model.term_<name>`
+TERM_PREFIX = "term_"
+
+
+def attach(model: TransferModel, term: Regularizer, module: torch.nn.Module) -> torch.nn.Module:
+    """Make `module` (trained with the model) a submodule of the model, outside every layer group, so that
+    checkpoints, best.pt and the optimizer state by name cover it."""
+    model.add_module(f"{TERM_PREFIX}{term.name}", module)
+    return module
 
 
 REGULARIZERS: Registry[type[Regularizer]] = Registry("regularizer")
