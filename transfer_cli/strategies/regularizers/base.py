@@ -8,8 +8,8 @@ features the head reads, DELTA the groups' feature maps) and returns named penal
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, ContextManager, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, ContextManager, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -67,6 +67,48 @@ class Regularizer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`; called before `setup`, which must then keep the restored state."""
+
+
+class HeadInputTerm(Regularizer):
+    """A term whose penalty reads the features the head read in the training forward pass (kept by a
+    hook, never a second forward: whatever runs the body, a feature cache included)."""
+
+    def __init__(self, name, cfg):
+        super().__init__(name, cfg)
+        self._seen: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def observe(self, model: TransferModel) -> Iterator[None]:
+        def keep(_head, inputs):
+            self._seen["features"] = inputs[0]
+
+        handle = model.head.register_forward_pre_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def head_input(self) -> torch.Tensor:
+        """The features of the forward pass just observed (once)."""
+        return self._seen.pop("features")
+
+
+class EpochMeans:
+    """Per-epoch means of values a term records every step, for `epoch_stats`; summed on the device, so a
+    step never waits for it."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.sums, self.steps = prefix, {}, 0
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach()
+        self.steps += 1
+
+    def pop(self) -> dict[str, float]:
+        means = {f"{self.prefix}/{k}": float(v) / self.steps for k, v in self.sums.items()} if self.steps else {}
+        self.sums, self.steps = {}, 0
+        return means
 
 
 #: where a term's trainable modules sit in the model: `model.term_<name>`

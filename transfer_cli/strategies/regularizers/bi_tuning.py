@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +39,8 @@ from torch import nn
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.data.loaders import _RandomResizedCropFlip
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer, attach, config_key
-from transfer_cli.strategies.regularizers.source_task import forked_rng, observed_head_input
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, HeadInputTerm, attach, config_key
+from transfer_cli.strategies.regularizers.source_task import forked_rng
 
 KEY_VIEWS = ("auto", "augment", "same")
 
@@ -92,7 +91,7 @@ class ClassQueues(nn.Module):
 
 
 @REGULARIZERS.register("bi_tuning")
-class BiTuning(Regularizer):
+class BiTuning(HeadInputTerm):
     """Contrastive terms on projections and on the classifier's class weights, with a momentum key encoder."""
 
     needs_inputs = True  # the key encoder reads a second view of each batch's raw inputs
@@ -111,7 +110,6 @@ class BiTuning(Regularizer):
         self.key: nn.ModuleDict | None = None  # the key encoder: a copy of the model and of the projector
         self.queues: ClassQueues | None = None
         self._restored: Mapping[str, Any] | None = None
-        self._seen: dict[str, torch.Tensor] = {}
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         if self.key_view == "augment" and model.modality != "image":
@@ -134,11 +132,6 @@ class BiTuning(Regularizer):
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
         return [{"name": f"{self.name}_projector", "params": list(self.projector.parameters()), "lr": lr}]
 
-    @contextmanager
-    def observe(self, model: TransferModel) -> Iterator[None]:
-        with observed_head_input(model, self._seen):
-            yield
-
     def second_view(self, model: TransferModel, batch: Batch) -> Batch:
         if self.key_view == "same" or (self.key_view == "auto" and model.modality != "image"):
             return batch
@@ -149,7 +142,7 @@ class BiTuning(Regularizer):
         return {**batch, "pixel_values": crop}
 
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self._seen.pop("features")
+        features = self.head_input()
         if self.weight == 0:
             return {}
         labels = batch["labels"]

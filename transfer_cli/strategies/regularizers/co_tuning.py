@@ -19,15 +19,14 @@ A target class with no training image gets a uniform row.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from transfer_cli.backbones.model import Batch, TransferModel
-from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer, attach
-from transfer_cli.strategies.regularizers.source_task import observed_head_input, over_training_split, source_head
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, HeadInputTerm, attach
+from transfer_cli.strategies.regularizers.source_task import over_training_split, source_head
 
 
 def category_relationship(source_probabilities: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -45,7 +44,7 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 @REGULARIZERS.register("co_tuning")
-class CoTuning(Regularizer):
+class CoTuning(HeadInputTerm):
     """λ·CE(source head(features), p(y_s | y_t)): the source classifier keeps training on translated labels."""
 
     def __init__(self, name, cfg):
@@ -53,7 +52,6 @@ class CoTuning(Regularizer):
         self.weight = float(cfg.weight)
         self.relationship: torch.Tensor | None = None  # (target classes, source classes)
         self.head: torch.nn.Module | None = None
-        self._seen: dict[str, torch.Tensor] = {}
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         self.head = attach(model, self, source_head(model, self.name))
@@ -70,13 +68,8 @@ class CoTuning(Regularizer):
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
         return [{"name": f"{self.name}_source_head", "params": list(self.head.parameters()), "lr": lr}]
 
-    @contextmanager
-    def observe(self, model: TransferModel) -> Iterator[None]:
-        with observed_head_input(model, self._seen):
-            yield
-
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self._seen.pop("features")
+        features = self.head_input()
         targets = self.relationship[batch["labels"]]
         return {self.name: self.weight * soft_cross_entropy(self.head(features), targets)}
 

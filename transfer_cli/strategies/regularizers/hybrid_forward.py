@@ -37,7 +37,7 @@ from torch import nn
 
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, EpochMeans, Regularizer
 
 PATHS = ("a", "b")
 
@@ -85,8 +85,7 @@ class HybridForward(Regularizer):
         self.weight = float(cfg.weight)
         self.teacher: nn.ModuleList | None = None
         self._restored: Mapping[str, Any] | None = None
-        self._sums: dict[str, torch.Tensor] = {}
-        self._steps = 0
+        self._means = EpochMeans(name)
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         blocks = model.blocks()
@@ -112,19 +111,11 @@ class HybridForward(Regularizer):
         student = F.cross_entropy(logits.float(), labels)
         hybrid = {p: F.cross_entropy(self.hybrid_logits(model, batch, p).float(), labels) for p in PATHS}
         balanced = sum((student / h).detach() * h for h in hybrid.values()) / len(hybrid)
-        self._record(student, hybrid)
+        self._means.add({"ce_student": student, **{f"ce_path_{p}": h for p, h in hybrid.items()}})
         return {self.name: self.weight * balanced}
 
-    def _record(self, student: torch.Tensor, hybrid: dict[str, torch.Tensor]) -> None:
-        values = {"ce_student": student, **{f"ce_path_{p}": h for p, h in hybrid.items()}}
-        for key, value in values.items():  # summed on the device: no wait for it every step
-            self._sums[key] = self._sums.get(key, 0.0) + value.detach()
-        self._steps += 1
-
     def epoch_stats(self) -> dict[str, float]:
-        stats = {f"{self.name}/{k}": float(v) / self._steps for k, v in self._sums.items()} if self._steps else {}
-        self._sums, self._steps = {}, 0
-        return stats
+        return self._means.pop()
 
     def state_dict(self) -> dict[str, Any]:
         return {"teacher": self.teacher.state_dict()}

@@ -41,7 +41,7 @@ from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.engine import distributed
 from transfer_cli.engine.device import to_device
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.regularizers.base import REGULARIZERS, TERM_PREFIX, Regularizer, attach, config_key
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, TERM_PREFIX, EpochMeans, Regularizer, attach, config_key
 from transfer_cli.strategies.regularizers.l2t_ww_meta import LookAhead, MetaNetworks, Pair, matching_loss
 from transfer_cli.strategies.regularizers.source_task import forked_rng
 from transfer_cli.strategies.regularizers.terms import channel_count
@@ -77,8 +77,7 @@ class LearningWhatAndWhere(Regularizer):
         self._restored: Mapping[str, Any] | None = None
         self._sources: dict[str, torch.Tensor] = {}
         self._targets: dict[str, torch.Tensor] = {}
-        self._steps = 0  # this epoch's, for the statistics
-        self._stats: dict[str, torch.Tensor] = {}
+        self._means = EpochMeans(name)
         self.real_steps = 0  # all of the run's (saved), for meta_every
 
     # ---- setup -------------------------------------------------------------------------------
@@ -145,20 +144,12 @@ class LearningWhatAndWhere(Regularizer):
             what, where = self.meta([self._sources[s] for s, _ in self.pairs])
         weights = dict(model.named_parameters())
         errors = self.look_ahead.errors(self._sources, targets, weights)
-        self._record(what, where)
+        self._means.add({"where_mean": torch.stack([w.mean() for w in where]).mean(),
+                         "what_max": torch.stack([w.max(dim=1).values.mean() for w in what]).mean()})
         return {self.name: matching_loss(errors, what, where, self.beta)}
 
-    def _record(self, what: list[torch.Tensor], where: list[torch.Tensor]) -> None:
-        values = {"where_mean": torch.stack([w.mean() for w in where]).mean(),
-                  "what_max": torch.stack([w.max(dim=1).values.mean() for w in what]).mean()}
-        for key, value in values.items():  # summed on the device: no wait for it every step
-            self._stats[key] = self._stats.get(key, 0.0) + value.detach()
-        self._steps += 1
-
     def epoch_stats(self) -> dict[str, float]:
-        stats = {f"{self.name}/{k}": float(v) / self._steps for k, v in self._stats.items()} if self._steps else {}
-        self._stats, self._steps = {}, 0
-        return stats
+        return self._means.pop()
 
     # ---- the meta-update ---------------------------------------------------------------------
     def on_step_end(self, model: TransferModel, batch: Batch, optimizer: torch.optim.Optimizer) -> None:

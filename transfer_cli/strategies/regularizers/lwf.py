@@ -19,7 +19,6 @@ are checked against the batch's, so a misaligned order fails loudly instead of d
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -27,8 +26,8 @@ import torch.nn.functional as F
 
 from transfer_cli.backbones.model import Batch, TransferModel
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer
-from transfer_cli.strategies.regularizers.source_task import observed_head_input, over_training_split, source_head
+from transfer_cli.strategies.regularizers.base import REGULARIZERS, HeadInputTerm
+from transfer_cli.strategies.regularizers.source_task import over_training_split, source_head
 
 #: batch key holding each example's position in the training split
 INDEX = "example_index"
@@ -63,7 +62,7 @@ class IndexedLoader:
 
 
 @REGULARIZERS.register("lwf")
-class LearningWithoutForgetting(Regularizer):
+class LearningWithoutForgetting(HeadInputTerm):
     """weight·KL(source logits stored before training ‖ the frozen source head on the current features), at T."""
 
     def __init__(self, name, cfg):
@@ -75,7 +74,6 @@ class LearningWithoutForgetting(Regularizer):
         self.source_logits: torch.Tensor | None = None  # (training examples, source classes)
         self.labels: torch.Tensor | None = None
         self._restored_head: Mapping[str, torch.Tensor] | None = None
-        self._seen: dict[str, torch.Tensor] = {}
 
     def setup(self, model: TransferModel, train_loader: Any, device: torch.device) -> None:
         self.head = source_head(model, self.name).requires_grad_(False)
@@ -89,13 +87,8 @@ class LearningWithoutForgetting(Regularizer):
     def wrap_loader(self, split: str, loader: Any) -> Any:
         return IndexedLoader(loader) if split == "train" else loader
 
-    @contextmanager
-    def observe(self, model: TransferModel) -> Iterator[None]:
-        with observed_head_input(model, self._seen):
-            yield
-
     def penalty(self, model: TransferModel, batch: Batch, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self._seen.pop("features")
+        features = self.head_input()
         if INDEX not in batch:
             raise TransferCliError("lwf: the training batches carry no example_index (the strategy's wrap_loader "
                                    "did not let the terms wrap the loader)")

@@ -37,19 +37,6 @@ def forked_rng(model: nn.Module) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def observed_head_input(model: TransferModel, store: dict) -> Iterator[None]:
-    """Keep, under store["features"], what the head reads in the forward passes inside the block."""
-    def keep(_head, inputs):
-        store["features"] = inputs[0]
-
-    handle = model.head.register_forward_pre_hook(keep)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def over_training_split(model: TransferModel, loader: Any, device: torch.device,
                         per_batch: Callable[[Batch], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
