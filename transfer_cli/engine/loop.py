@@ -279,6 +279,7 @@ class Trainer:
         self.scaler.step(optimizer)
         self.scaler.update()
         state.step += 1
+        self.strategy.on_step_end(self.model, batch, optimizer)
         return batch, logits, total, penalties
 
     def _check_finite(self, losses: list[torch.Tensor], epoch: int, step: int) -> None:

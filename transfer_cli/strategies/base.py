@@ -78,7 +78,9 @@ class Strategy:
 
     def wrap_loader(self, split: str, loader: Any) -> Any:
         """The loader the loop iterates for `split` (train, val or test), after `setup`; feature caching
-        serves precomputed features through it."""
+        serves precomputed features through it. Subclasses wrap first, then call this: the terms wrap last."""
+        for term in self.regularizers:
+            loader = term.wrap_loader(split, loader)
         return loader
 
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
@@ -104,7 +106,7 @@ class Strategy:
             groups.append({"name": name, "params": params, "lr": group_lr})
         if any(term.replaces_weight_decay for term in self.regularizers):
             groups = [{**g, "weight_decay": 0.0} for g in groups]
-        return groups
+        return groups + [g for term in self.regularizers for g in term.param_groups(model, lr)]
 
     def on_epoch_start(self, epoch: int, model: TransferModel) -> bool:
         """Change what trains at this epoch; return True when the optimizer must be rebuilt."""
@@ -124,7 +126,13 @@ class Strategy:
     def epoch_stats(self) -> dict[str, float]:
         """Numbers about the epoch just trained (e.g. how often each block was routed to its fine-tuned
         copy), merged into its metrics.jsonl line; called once per epoch, after training."""
-        return {}
+        return {k: v for term in self.regularizers for k, v in term.epoch_stats().items()}
+
+    def on_step_end(self, model: TransferModel, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+        """After each optimizer step, on the batch it used: work that needs the updated weights (L2T-ww's
+        look-ahead steps and meta-update); the terms' by default."""
+        for term in self.regularizers:
+            term.on_step_end(model, batch, optimizer)
 
     def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
         return model(batch)

@@ -107,7 +107,7 @@ class LayerSchedule(Strategy):
         super().setup(model, train_loader, device)
 
     def wrap_loader(self, split: str, loader: Any) -> Any:
-        return self.cache.wrap(split, loader)
+        return super().wrap_loader(split, self.cache.wrap(split, loader))
 
     def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
         return self.cache.forward(model, batch)
