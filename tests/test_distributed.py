@@ -158,11 +158,14 @@ def test_test_metrics_are_those_of_the_whole_test_set_and_only_rank_0_writes(two
     model = ToyModel()
     model.load_state_dict(ranks[0]["state"])
     strategy = build_strategy(OmegaConf.create({**toy_config(), "strategy": {"name": "finetune"}}))
-    whole = evaluate(model, strategy, loader(N_TEST, 3, False), torch.device("cpu"), "fp32")
+    whole = evaluate(model, strategy, loader(N_TEST, 3, False), torch.device("cpu"), "fp32", detailed=True)
     for r in ranks:
         assert r["test"]["n"] == N_TEST
-        assert r["test"]["acc1"] == whole["acc1"]
-        assert r["test"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)  # float32 sums in another order
+        assert r["test"]["confusion"] == whole["confusion"]  # summed over the processes' shards
+        for name in ("acc1", "acc5", "mean_class_acc", "macro_f1"):
+            assert r["test"][name] == whole[name], name
+        for name in ("loss", "ece"):  # float sums in another order
+            assert r["test"][name] == pytest.approx(whole[name], rel=1e-6), name
     metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == list(range(EPOCHS))  # one line per epoch, not two
 

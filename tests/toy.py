@@ -118,7 +118,8 @@ def toy_config(**trainer):
         "sched": {"name": "cosine", "warmup_epochs": 0, "min_lr_ratio": 0.0},
         "trainer": {"max_epochs": 3, "device": "cpu", "precision": "auto", "channels_last": "auto", "compile": False, "cudnn_benchmark": True,
                     "grad_clip": None, "resume": False, "early_stopping_patience": None, "max_train_batches": None,
-                    "max_val_batches": None, "max_test_batches": None, "val_every": 1, "progress": False, "log_every": 1, "num_threads": None, **trainer},
+                    "max_val_batches": None, "max_test_batches": None, "val_every": 1, "progress": False, "log_every": 1,
+                    "num_threads": None, "select_by": "acc1", **trainer},
     })
 
 

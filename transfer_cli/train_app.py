@@ -6,6 +6,7 @@ stopping the sweep, and the command fails at the end when any job did.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -71,4 +72,10 @@ def _train_app(cfg: DictConfig) -> float | None:
     from transfer_cli.engine.results import summary
 
     print(f"{summary(results)}  -> {run_dir}")
-    return results["test"]["acc1"]
+    return objective(results, str(cfg.trainer.select_by))
+
+
+def objective(results: dict, select_by: str) -> float:
+    """What the app returns to a Hydra sweeper (hydra/sweeper=optuna): the best epoch's validation
+    `trainer.select_by`, never a test number, so that a search cannot select on the test split."""
+    return float(results["val"].get(select_by, math.nan))

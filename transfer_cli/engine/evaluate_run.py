@@ -39,7 +39,7 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     run, epoch, device = restore_run(cfg, run_dir)
     precision = resolve_precision(str(cfg.trainer.precision), device)
     cap = cfg.trainer.get("max_test_batches", cfg.trainer.get("max_eval_batches"))  # the name before trainer.max_test_batches
-    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cap)
+    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cap, detailed=True)
     # as results.json: n of the split's `of` examples were tested
     result = {"test": {**test, "of": getattr(run.loaders["test"], "num_samples", test["n"])}, "epoch": epoch}
     write_json(RunFolder(run_dir).eval_file, result)

@@ -6,10 +6,9 @@ added to the loss (`penalty`). The loop never asks which strategy it runs.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -24,7 +23,8 @@ from transfer_cli.backbones.model import TransferModel
 from transfer_cli.engine import distributed
 from transfer_cli.engine.checkpoint import Checkpoints
 from transfer_cli.engine.device import autocast, resolve_device, resolve_precision, to_device
-from transfer_cli.engine.evaluate import evaluate
+from transfer_cli.engine.evaluate import tally
+from transfer_cli.engine.metrics import check_select_by, scalars, selection_key
 from transfer_cli.engine.optim import (build_optimizer, group_learning_rates, load_state_by_name, lr_factor,
                                        set_learning_rates, state_by_name)
 from transfer_cli.engine.seeding import rng_state, set_rng_state
@@ -43,8 +43,7 @@ class TrainState:
     epoch: int = 0  # the next epoch to run
     step: int = 0  # optimizer steps taken
     best_epoch: int = -1
-    best_val_acc1: float = -math.inf
-    best_val_loss: float = math.inf
+    best_val: dict[str, float] = field(default_factory=dict)  # the validation metrics of the best epoch
     epochs_since_best: int = 0
     train_time_s: float = 0.0
     train_samples: int = 0
@@ -106,6 +105,7 @@ class Trainer:
         self.sched = OmegaConf.to_container(cfg.sched, resolve=True)
         self.grad_clip = self.tcfg.grad_clip
         self.log_every = int(self.tcfg.log_every)
+        self.select_by = check_select_by(str(self.tcfg.select_by))
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # ---------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ class Trainer:
                 "lr": group_learning_rates(self.optimizer),
                 **{f"train_{k}": v for k, v in train.items()},
                 **self.strategy.epoch_stats(),
-                **({"val_loss": val["loss"], "val_acc1": val["acc1"], "val_time_s": val["time_s"]} if val else {}),
+                **({f"val_{k}": v for k, v in scalars(val).items()} if val else {}),
                 "best": improved,
                 "epoch_time_s": train_time,
             }
@@ -153,7 +153,7 @@ class Trainer:
             distributed.barrier()  # rank 0 has written best.pt
             self.checkpoints.load_best_into(self.model)
         with self.clock.phase("test"):
-            test = self._evaluate(self.test_loader, self.tcfg.max_test_batches)
+            test = self._evaluate(self.test_loader, self.tcfg.max_test_batches, detailed=True)
         examples = getattr(self.test_loader, "num_samples", test["n"])
         return FitResult(state, test, str(self.device), self.precision, examples)
 
@@ -293,11 +293,11 @@ class Trainer:
             f"{kept}; lower optim.lr or set trainer.grad_clip"
         )
 
-    def _evaluate(self, loader, max_batches: Optional[int]) -> dict[str, float]:
-        """Loss and accuracy over the split, or its first `max_batches` (each process evaluates its shard;
-        the sums are added)."""
-        result = evaluate(self.model, self.strategy, loader, self.device, self.precision, max_batches)
-        return distributed.merge_evaluation(result, self.device)
+    def _evaluate(self, loader, max_batches: Optional[int], detailed: bool = False) -> dict[str, Any]:
+        """The metrics (engine/metrics.py) over the split, or its first `max_batches` (each process evaluates
+        its shard; the sums are added); `detailed`: also calibration and the confusion matrix."""
+        counts = tally(self.model, self.strategy, loader, self.device, self.precision, max_batches, detailed)
+        return distributed.merge_evaluation(counts, self.device).metrics()
 
     def _validate(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -307,10 +307,10 @@ class Trainer:
         return val
 
     def _track_best(self, state: TrainState, epoch: int, val: dict[str, float]) -> bool:
-        """Best epoch = highest validation accuracy, ties broken by lower validation loss."""
-        better = (val["acc1"], -val["loss"]) > (state.best_val_acc1, -state.best_val_loss)
+        """Best epoch = the best validation `trainer.select_by` (default acc1), ties broken by lower loss."""
+        better = selection_key(val, self.select_by) > selection_key(state.best_val, self.select_by)
         if better:
-            state.best_epoch, state.best_val_acc1, state.best_val_loss = epoch, val["acc1"], val["loss"]
+            state.best_epoch, state.best_val = epoch, {k: v for k, v in scalars(val).items() if k != "time_s"}
             state.epochs_since_best = 0
             if self.main:
                 self.checkpoints.save_best(self.model, epoch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +16,8 @@ import transfer_cli
 from transfer_cli.engine.loop import FitResult
 
 
-def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_classes: int) -> dict[str, Any]:
+def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, class_names: Sequence[str]) -> dict[str, Any]:
+    """The summary; `class_names` are the head's outputs in order (what `predict` names its predictions by)."""
     state = fit.state
     return {
         "config": {
@@ -25,13 +26,14 @@ def build_results(cfg: DictConfig, fit: FitResult, model: torch.nn.Module, num_c
             "data": cfg.data.name,
             "seed": cfg.seed,
             "samples_per_class": cfg.data.get("samples_per_class"),
-            "num_classes": num_classes,
+            "num_classes": len(class_names),
         },
+        "class_names": list(class_names),
         "full_config": OmegaConf.to_container(cfg, resolve=True),
         # where the body's weights came from: hub name, local file or folder and its sha256, or random init
         "weights": getattr(model, "weights_origin", {"source": "unknown"}),
         "test": {**fit.test, "of": fit.test_examples},  # n of the split's `of` examples were tested
-        "val": {"acc1": state.best_val_acc1, "loss": state.best_val_loss},
+        "val": state.best_val,
         "best_epoch": state.best_epoch,
         "epochs": state.epoch,
         "steps": state.step,

@@ -64,10 +64,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         trainer = Trainer(run.model, run.strategy, run.loaders["train"], run.loaders["val"], run.loaders["test"],
                           cfg, run_dir, tracker, clock)
         fit = trainer.fit()
-        results = {**build_results(cfg, fit, run.model, run.data.num_classes), **run.strategy.results(),
+        results = {**build_results(cfg, fit, run.model, run.data.class_names), **run.strategy.results(),
                    **distributed.describe(int(cfg.trainer.batch_size)),
                    "time": time_section(clock.seconds, clock.wall())}
         if distributed.is_main():
             write_json(RunFolder(run_dir).results_file, results)
+            if cfg.trainer.confusion_png and results["test"].get("confusion"):
+                from transfer_cli.reporting.confusion import write_confusion_png  # matplotlib: only when drawn
+
+                write_confusion_png(RunFolder(run_dir).confusion_png, results["test"]["confusion"], results["class_names"])
         tracker.log_final(results)
     return results
