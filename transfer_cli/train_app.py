@@ -69,8 +69,9 @@ def _train_app(cfg: DictConfig) -> float | None:
         distributed.shutdown()
     if results is None or not main:  # None: a failed sweep job, recorded in its failed.json
         return None
-    print(f"test acc1 {results['test']['acc1']:.4f}  loss {results['test']['loss']:.4f}  "
-          f"(best epoch {results['best_epoch']}, {results['train_time_s']:.1f}s)  -> {run_dir}")
+    from transfer_cli.engine.results import summary
+
+    print(f"{summary(results)}  -> {run_dir}")
     return objective(results, str(cfg.trainer.select_by))
 
 

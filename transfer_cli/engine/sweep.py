@@ -4,6 +4,8 @@ A sweep is many runs sharing one folder. A failing job must not stop the others,
 to `failed.json` in its folder and the sweep goes on; `SweepOutcome` (a Hydra callback) counts those
 files at the end so that the command still exits non-zero. Re-running a sweep in the same
 `hydra.sweep.dir` skips the jobs that wrote results.json and resumes the ones that were killed.
+Every job holds its folder while it runs (run_lock): a folder another live process holds is refused
+(a single run) or skipped, since that process is running it (a sweep).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,6 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from transfer_cli.engine import distributed
+from transfer_cli.engine.run_lock import RunFolderHeld, hold_run_folder
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
 from transfer_cli.run_folder import FAILED, RunFolder
@@ -44,6 +49,8 @@ def skip_done(cfg: DictConfig, sweep: bool) -> bool:
 def thread_share(launcher: Any, cpus: int) -> Optional[int]:
     """Torch threads for one job: the launcher's cpus_per_task (SLURM), else the CPUs split over n_jobs (local)."""
     per_task = launcher.get("cpus_per_task") if launcher is not None else None
+    if per_task == "auto":  # fitted to the partition at submission (slurm_resources): what SLURM gave the job
+        per_task = os.environ.get("SLURM_CPUS_PER_TASK") or cpus
     if per_task:
         return int(per_task)
     n_jobs = launcher.get("n_jobs") if launcher is not None else None
@@ -75,7 +82,7 @@ def run_job(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
     failure and takes its share of the CPU threads unless trainer.num_threads is set.
     """
     if not sweep:
-        return _skip_or_train(cfg, run_dir, train, sweep=False)
+        return _claim_and_run(cfg, run_dir, train, sweep=False)
     try:
         RunFolder(run_dir).failed_file.unlink(missing_ok=True)
         hydra_cfg = HydraConfig.get()
@@ -83,11 +90,23 @@ def run_job(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], 
             if cfg.trainer.num_threads is None:
                 cfg.trainer.num_threads = thread_share(hydra_cfg.launcher, available_cpus())
             cfg.trainer.device = job_device(str(cfg.trainer.device), hydra_cfg.launcher, int(hydra_cfg.job.num))
-        return _skip_or_train(cfg, run_dir, train, sweep=True)
-    except Exception as err:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the sweep
-        record_failure(run_dir, err)
-        print(f"transfer-cli: job failed: {run_dir}: {first_line(err)}", file=sys.stderr)
+        return _claim_and_run(cfg, run_dir, train, sweep=True)
+    except RunFolderHeld as err:  # not a failure: the other process is running this job
+        print(f"skipped, {err}")
         return None
+    except Exception as err:  # noqa: BLE001 - one job's failure, whatever it is, must not stop the sweep
+        print(f"transfer-cli: job failed: {run_dir}: {first_line(err)}", file=sys.stderr)
+        try:
+            record_failure(run_dir, err)
+        except TransferCliError as unwritten:  # a full or read-only disk: say so, the sweep goes on
+            print(f"transfer-cli: {unwritten}", file=sys.stderr)
+        return None
+
+
+def _claim_and_run(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], dict], sweep: bool) -> dict:
+    """Hold the run folder (the process that writes files: rank 0 of a torchrun), then skip or train."""
+    with hold_run_folder(run_dir) if distributed.is_main() else nullcontext():
+        return _skip_or_train(cfg, run_dir, train, sweep)
 
 
 def _skip_or_train(cfg: DictConfig, run_dir: Path, train: Callable[[DictConfig, Path], dict], sweep: bool) -> dict:

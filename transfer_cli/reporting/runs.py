@@ -15,6 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 from transfer_cli.errors import TransferCliError
 from transfer_cli.run_folder import RunFolder, find_run_folders
 
+#: results.json's `weights` section joins a done run's config keys under this prefix
+WEIGHTS_PREFIX = "weights."
+
 
 @dataclass
 class Run:
@@ -52,8 +55,10 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
 def load_run(folder: Path) -> Run:
     files = RunFolder(folder)
     results = files.read_results()
-    return Run(folder, load_config(files.config_file), results, files.read_error(),
-               files.read_metrics() if results is not None else [])
+    config = load_config(files.config_file)
+    if results is not None and isinstance(results.get("weights"), dict):
+        config.update(flatten(results["weights"], WEIGHTS_PREFIX))
+    return Run(folder, config, results, files.read_error(), files.read_metrics() if results is not None else [])
 
 
 def load_config(path: Path) -> dict[str, Any]:
