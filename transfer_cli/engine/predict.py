@@ -42,6 +42,9 @@ def predict_run(cfg: DictConfig, run_dir: Path, source: Path, out: Optional[Path
                          int(cfg.data.get("max_length", 128)), int(cfg.trainer.eval_batch_size))
     k = min(topk, len(names))
     rows = _predict(run.model, run.strategy, inputs, device, resolve_precision(str(cfg.trainer.precision), device), k)
+    if not rows and len(inputs.unreadable) == 1:
+        bad = inputs.unreadable[0]
+        raise TransferCliError(f"cannot read {bad.name} ({bad.reason}); nothing predicted")
     for bad in inputs.unreadable:
         print(f"transfer-cli: skipped {bad.name}: {bad.reason}", file=sys.stderr)
     if not rows:
