@@ -17,6 +17,7 @@ from transfer_cli.reporting import plots
 from transfer_cli.reporting.grouping import check_keys, default_keys, varying_keys
 from transfer_cli.reporting.render import csv_text, markdown, problems
 from transfer_cli.reporting.runs import find_runs
+from transfer_cli.reporting.study import study_sections
 from transfer_cli.reporting.table import DEFAULT_METRIC, build_table
 
 
@@ -60,6 +61,8 @@ def report(argv: Sequence[str]) -> Path:
     if pooled:
         notes.append(f"Pooled within each row (varying, not grouped on): {', '.join(pooled)}.")
     text = markdown(table, keys, args.metric) + "\n\n" + "\n".join(notes)
+    for section in study_sections(args.folders):  # an Optuna search: its trials and the best one
+        text += "\n\n" + section
     failures = problems(runs, keys, args.folders[0].expanduser())
     if failures:
         text += "\n\nFailed or unfinished runs:\n" + "\n".join(failures)
