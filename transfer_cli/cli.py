@@ -22,7 +22,9 @@ commands:
                                  classify an image, a folder of images or a CSV/JSONL of texts
   list strategies|backbones|datasets
                                  what exists, one line each
-  export run=RUN_DIR out=FILE    save a run's trained body as a pretrained backbone (.safetensors)
+  export run=RUN_DIR out=FILE [format=native]
+                                 save a run's trained body as a pretrained backbone (.safetensors), or
+                                 (format=native) the classifier as a timm / Hugging Face folder
   analyze cka|interpolate|criticality|spectrum RUN [OTHER] [--options]
                                  what was transferred: tables and plots in RUN/analysis/
                                  (transfer-cli analyze --help)
@@ -113,7 +115,11 @@ def export_command(args: list[str]) -> None:
     values = _parse_keyvalues(args, ["run", "out"])
     run_dir = Path(values.pop("run")).expanduser()
     out = Path(values.pop("out")).expanduser()
-    export_run(run_config(run_dir, values), run_dir, out)
+    kind = values.pop("format", "source")
+    if kind not in ("source", "native"):
+        raise TransferCliError(f"format={kind!r}: choose source (a backbone for backbone.weights=) or native "
+                               "(a timm / Hugging Face classifier folder)")
+    export_run(run_config(run_dir, values), run_dir, out, native=kind == "native")
     print(f"wrote {out}")
 
 

@@ -11,7 +11,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from transfer_cli.data.inputs import Inputs, read_inputs
 from transfer_cli.engine.device import autocast, resolve_precision, to_device
-from transfer_cli.engine.evaluate_run import restore_run
+from transfer_cli.engine.evaluate_run import class_names, restore_run
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import atomic_path
 from transfer_cli.run_folder import RunFolder
@@ -58,16 +58,6 @@ def predict_run(cfg: DictConfig, run_dir: Path, source: Path, out: Optional[Path
         for name, classes, probabilities in rows:
             writer.writerow([name] + [v for c, p in zip(classes, probabilities) for v in (names[c], f"{p:.6f}")])
     return Predicted(out, len(rows), len(inputs.unreadable))
-
-
-def class_names(run_dir: Path, rebuilt: Sequence[str], outputs: int) -> list[str]:
-    """The names of the head's outputs: as results.json recorded them, else as the data gives them now."""
-    results = RunFolder(run_dir).read_results() or {}
-    names = list(results.get("class_names") or rebuilt)
-    if len(names) != outputs:
-        raise TransferCliError(f"the run's head has {outputs} outputs but {len(names)} class names were found; "
-                               "the data has changed since the run trained: restore it or retrain")
-    return names
 
 
 @torch.no_grad()
