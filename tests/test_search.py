@@ -46,3 +46,12 @@ def test_a_four_trial_search_over_l2sp_alpha_reports_its_best_trial(tmp_path, ca
     best_rows = [line for line in out.splitlines() if line.startswith("| **best**")]
     assert len(best_rows) == 1 and f"{best.best_params['strategy.alpha']:.4g}" in best_rows[0]
     assert "Optuna search in" in (sweep / "report.md").read_text()
+
+
+def test_search_ranges_pass_the_override_check_and_bad_keys_do_not():
+    from transfer_cli.errors import TransferCliError
+    from transfer_cli.overrides import check_overrides
+
+    check_overrides(["strategy=l2sp", "hydra/sweeper=search", "strategy.alpha=tag(log, interval(1e-4, 1.0))"])
+    with pytest.raises(TransferCliError, match="alpah"):
+        check_overrides(["strategy=l2sp", "strategy.alpah=interval(1e-4, 1.0)"])
