@@ -93,29 +93,49 @@ def test_inputs_that_cannot_be_predicted_are_one_line(digits_run, tmp_path, caps
     assert "topk" in fails_with(capsys, ["predict", f"run={digits_run}", f"input={table}", "topk=two"])
 
 
-def test_texts_from_jsonl_through_a_tiny_bert(tmp_path, tiny_bert, capsys):
-    data = tmp_path / "train.csv"
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_bert) -> Path:
+    folder = tmp_path_factory.mktemp("text")
+    data = folder / "train.csv"
     data.write_text("\n".join(["text,label"] + [f"the cat sat on the mat {i},cat" for i in range(6)]
                               + [f"a dog ran fast {i},dog" for i in range(6)]) + "\n")
-    run_dir = train(tmp_path / "text", "backbone=hf", f"backbone.weights={tiny_bert}", "data=csv_text",
-                    f"data.train_file={data}", "optim=adamw")
-    texts = ["the cat sat", "a dog ran fast", "the mat"]
-    inputs = tmp_path / "new.jsonl"
-    inputs.write_text("\n".join([json.dumps({"text": texts[0]}), "{not json", json.dumps({"text": texts[1]}),
-                                 json.dumps({"text": ""}), json.dumps({"text": texts[2]})]) + "\n")
-    out = tmp_path / "texts.csv"
+    return train(folder / "run", "backbone=hf", f"backbone.weights={tiny_bert}", "data=csv_text",
+                 f"data.train_file={data}", "optim=adamw")
 
-    main(["predict", f"run={run_dir}", f"input={inputs}", f"out={out}"])
 
-    captured = capsys.readouterr()
-    assert "predicted 3 input(s), 2 unreadable input(s) skipped" in captured.out
-    assert len([line for line in captured.err.splitlines() if "skipped" in line]) == 2
-    rows = read_csv(out)
-    assert [r["input"] for r in rows] == texts
+TEXTS = ["the cat sat", "a dog ran fast", "the mat"]
+
+
+def expect_the_runs_probabilities(run_dir: Path, rows: list[dict]) -> None:
+    assert [r["input"] for r in rows] == TEXTS
     assert list(rows[0]) == ["input", "predicted", "top1_prob", "top2", "top2_prob"]  # topk capped at 2 classes
     run, _, _ = restore_run(run_config(run_dir, {}), run_dir)
-    tokens = run.model.preprocessing["tokenizer"](texts, padding=True, truncation=True, return_tensors="pt")
+    tokens = run.model.preprocessing["tokenizer"](TEXTS, padding=True, truncation=True, return_tensors="pt")
     expected = run_probabilities(run_dir, dict(tokens))
     for row, probabilities in zip(rows, expected):
         assert row["predicted"] == ["cat", "dog"][int(probabilities.argmax())]
         assert float(row["top1_prob"]) == pytest.approx(float(probabilities.max()), abs=1e-5)
+
+
+def test_texts_from_jsonl_through_a_tiny_bert(text_run, tmp_path, capsys):
+    inputs = tmp_path / "new.jsonl"
+    inputs.write_text("\n".join([json.dumps({"text": TEXTS[0]}), "{not json", json.dumps({"text": TEXTS[1]}),
+                                 json.dumps({"text": ""}), json.dumps({"text": TEXTS[2]})]) + "\n")
+    out = tmp_path / "texts.csv"
+
+    main(["predict", f"run={text_run}", f"input={inputs}", f"out={out}"])
+
+    captured = capsys.readouterr()
+    assert "predicted 3 input(s), 2 unreadable input(s) skipped" in captured.out
+    assert len([line for line in captured.err.splitlines() if "skipped" in line]) == 2
+    expect_the_runs_probabilities(text_run, read_csv(out))
+
+
+def test_texts_from_a_csv_column_named_on_the_command_line(text_run, tmp_path, capsys):
+    inputs = tmp_path / "reviews.csv"
+    inputs.write_text("id,review\n1,the cat sat\n2,\n3,a dog ran fast\n4,the mat\n")
+
+    main(["predict", f"run={text_run}", f"input={inputs}", "column=review"])
+
+    assert "predicted 3 input(s), 1 unreadable input(s) skipped" in capsys.readouterr().out
+    expect_the_runs_probabilities(text_run, read_csv(text_run / "predictions" / "reviews.csv"))

@@ -18,7 +18,7 @@ USAGE = """usage: transfer-cli COMMAND [ARGS]
 commands:
   train [KEY=VALUE ...] [-m]     train and evaluate (Hydra overrides; -m runs a sweep)
   eval run=RUN_DIR               re-evaluate a finished run's best checkpoint on its test split
-  predict run=RUN_DIR input=PATH [out=FILE.csv] [topk=5]
+  predict run=RUN_DIR input=PATH [out=FILE.csv] [topk=5] [column=TEXT_COLUMN]
                                  classify an image, a folder of images or a CSV/JSONL of texts
   list strategies|backbones|datasets
                                  what exists, one line each
@@ -104,7 +104,8 @@ def predict_command(args: list[str]) -> None:
     topk = values.pop("topk", "5")
     if not topk.isdigit():
         raise TransferCliError(f"topk={topk!r} must be a whole number, e.g. topk=5")
-    done = predict_run(run_config(run_dir, values), run_dir, source, out, int(topk))
+    column = values.pop("column", None)
+    done = predict_run(run_config(run_dir, values), run_dir, source, out, int(topk), column)
     skipped = f", {done.unreadable} unreadable input(s) skipped" if done.unreadable else ""
     print(f"predicted {done.predicted} input(s){skipped} -> {done.out}")
 

@@ -100,7 +100,7 @@ def _texts(source: Path, tokenizer: Any, column: str, max_length: int, batch_siz
     rows = read_rows(source, "input", skipped)
     if rows and not any(isinstance(r, dict) and column in r for r in rows):
         raise TransferCliError(f"{source} has no {column!r} column (columns: {', '.join(rows[0])}); "
-                               "name the text column as the run's data.text_column, or pass data.text_column=<column>")
+                               "name the column with column=<name>")
     unreadable = [Unreadable(f"line {number} of {source}", reason) for number, reason in skipped]
     texts: list[str] = []
     for number, row in enumerate(rows, 1):

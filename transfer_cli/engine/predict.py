@@ -32,13 +32,15 @@ class Predicted:
     unreadable: int
 
 
-def predict_run(cfg: DictConfig, run_dir: Path, source: Path, out: Optional[Path], topk: int = 5) -> Predicted:
-    """Predict every readable input under `source`; write the CSV (default <run>/predictions/<input name>.csv)."""
+def predict_run(cfg: DictConfig, run_dir: Path, source: Path, out: Optional[Path], topk: int = 5,
+                column: Optional[str] = None) -> Predicted:
+    """Predict every readable input under `source` (texts: from `column`, default the run's data.text_column);
+    write the CSV (default <run>/predictions/<input name>.csv)."""
     if topk < 1:
         raise TransferCliError(f"topk={topk} must be at least 1")
     run, _, device = restore_run(cfg, run_dir)
     names = class_names(run_dir, run.data.class_names, run.model.head.out_features)
-    inputs = read_inputs(source, run.model, run.data, str(cfg.data.get("text_column", "text")),
+    inputs = read_inputs(source, run.model, run.data, column or str(cfg.data.get("text_column", "text")),
                          int(cfg.data.get("max_length", 128)), int(cfg.trainer.eval_batch_size))
     k = min(topk, len(names))
     rows = _predict(run.model, run.strategy, inputs, device, resolve_precision(str(cfg.trainer.precision), device), k)
