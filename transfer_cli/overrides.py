@@ -11,6 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.config_checks import check_values
 from transfer_cli.config_files import CONFIG_DIR, config_options
 from transfer_cli.errors import TransferCliError
 
@@ -45,7 +46,8 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
-    """Compose every value of every sweep once, so `-m a=x,y` fails before any job starts."""
+    """Compose every value of every sweep once, checking its types and values (config_checks), so
+    `-m a=x,y` fails before any job starts."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
@@ -53,11 +55,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     firsts = {o.input_line: f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps}
-    check_value_types(compose_config(base + list(firsts.values())), compose_config([]))
+    first = compose_config(base + list(firsts.values()))
+    check_value_types(first, compose_config([]))
+    check_values(first)
     for sweep in sweeps:
         others = [v for k, v in firsts.items() if k != sweep.input_line]
         for value in list(sweep.sweep_string_iterator())[1:]:
-            compose_config(base + others + [f"{sweep.get_key_element()}={value}"])
+            check_values(compose_config(base + others + [f"{sweep.get_key_element()}={value}"]))
 
 
 def check_value_types(cfg: DictConfig, defaults: DictConfig) -> None:

@@ -1,19 +1,20 @@
-"""Image files decoded by a torch DataLoader with timm's transforms; unreadable files become one clear
-error, and each example's augmentation is seeded from (seed, epoch, example index).
+"""Image files decoded by a torch DataLoader with timm's transforms; an unreadable file becomes one clear
+error (or, with data.skip_bad_images, is left out of its batch and counted), and each example's
+augmentation is seeded from (seed, epoch, example index).
 """
 from __future__ import annotations
 
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from PIL import Image
-
 from transfer_cli.data.common import first_line
 from transfer_cli.data.epoch_order import Batch, BatchLoader, EpochOrder, batch_sizes
+from transfer_cli.data.image_decode import DECODE_ERRORS, open_image
 from transfer_cli.data.splits import ImageFileSplit
 from transfer_cli.errors import TransferCliError
 
@@ -31,9 +32,12 @@ class FileLoader(BatchLoader):
         augment: bool,
         seed: int,
         num_workers: int,
+        skip_bad_images: bool = False,
     ):
         super().__init__(len(split.paths), batch_size, shuffle=shuffle, seed=seed)
         self.augment = augment
+        self.skip_bad_images = skip_bad_images
+        self.skipped: dict[str, str] = {}  # path -> why it could not be read (data.skip_bad_images)
         from timm.data import create_transform  # slow to import, and only image files need it
 
         transform = create_transform(
@@ -56,7 +60,7 @@ class FileLoader(BatchLoader):
             batch_sampler=batches,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
-            collate_fn=_collate,
+            collate_fn=_collate_skipping if skip_bad_images else _collate,
         )
         self.loader = self._new_dataloader()
 
@@ -64,13 +68,24 @@ class FileLoader(BatchLoader):
         for batch in self.loader:
             if isinstance(batch, _Unreadable):
                 break
-            yield batch
+            for bad in batch.pop("skipped", ()):
+                self._skip(bad)
+            if len(batch["labels"]):
+                yield batch
         else:
             return
         self.loader = self._new_dataloader()  # frees the old workers now, not when the error is collected
         raise TransferCliError(
-            f"cannot read image {batch.path} ({batch.reason}); fix or remove the file"
+            f"cannot read image {batch.path} ({batch.reason}); fix or remove the file, "
+            "or set data.skip_bad_images=true to leave unreadable files out"
         )
+
+    def _skip(self, bad: "_Unreadable") -> None:
+        """Say once per file that it is left out; `skipped` counts them for results.json."""
+        if bad.path not in self.skipped:
+            self.skipped[bad.path] = bad.reason
+            print(f"transfer-cli: skipped unreadable image {bad.path} ({bad.reason}) (data.skip_bad_images=true)",
+                  file=sys.stderr)
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -137,9 +152,8 @@ class _ImageFiles(torch.utils.data.Dataset):
         index, seed = item
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert(self.mode)
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            image = open_image(path, self.mode)
+        except DECODE_ERRORS as e:
             return _Unreadable(str(path), first_line(e))
         with _seeded(seed):
             return self.transform(image), self.labels[index]
@@ -171,3 +185,11 @@ def _collate(items: list) -> Any:
         return bad
     images, labels = zip(*items)
     return {"pixel_values": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def _collate_skipping(items: list) -> Any:
+    """The batch without its unreadable files, which travel along under "skipped" (possibly all of them)."""
+    good = [item for item in items if not isinstance(item, _Unreadable)]
+    batch = _collate(good) if good else {"labels": torch.zeros(0, dtype=torch.long)}
+    batch["skipped"] = [item for item in items if isinstance(item, _Unreadable)]
+    return batch

@@ -39,13 +39,22 @@ def assemble(cfg: DictConfig) -> Assembled:
     seed_everything(int(cfg.seed))
     model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
     common = dict(seed=int(cfg.seed), num_workers=int(cfg.data.num_workers),
-                  augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)))
+                  augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)),
+                  skip_bad_images=bool(cfg.data.get("skip_bad_images", False)))
     loaders = {
         "train": make_loader(data.train, model, int(cfg.trainer.batch_size), train=True, **common),
         "val": make_loader(data.val, model, int(cfg.trainer.eval_batch_size), train=False, **common),
         "test": make_loader(data.test, model, int(cfg.trainer.eval_batch_size), train=False, **common),
     }
     return Assembled(data, model, strategy, loaders)
+
+
+def skipped_images(loaders: dict[str, Any]) -> dict[str, Any]:
+    """results.json's count of the image files data.skip_bad_images left out, per split (none: nothing)."""
+    skipped = {split: sorted(getattr(loader, "skipped", {})) for split, loader in loaders.items()}
+    if not any(skipped.values()):
+        return {}
+    return {"skipped_images": {"count": sum(len(paths) for paths in skipped.values()), **skipped}}
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -58,7 +67,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           cfg, run_dir, tracker)
         fit = trainer.fit()
         results = {**build_results(cfg, fit, run.model, run.data.num_classes), **run.strategy.results(),
-                   **distributed.describe(int(cfg.trainer.batch_size))}
+                   **distributed.describe(int(cfg.trainer.batch_size)), **skipped_images(run.loaders)}
         if distributed.is_main():
             write_json(RunFolder(run_dir).results_file, results)
         tracker.log_final(results)
