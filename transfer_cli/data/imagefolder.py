@@ -1,8 +1,9 @@
 """Images on disk, one sub-folder per class (the torchvision ImageFolder layout)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -54,7 +55,7 @@ def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
         class_dir = folder / name
         if not class_dir.is_dir():
             continue  # a val/test folder may lack a class
-        images = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        images = sorted(p for p in files_below(class_dir) if p.suffix.lower() in IMG_EXTENSIONS)
         if not images:
             raise TransferCliError(
                 f"class folder {class_dir} has no images ({' '.join(IMG_EXTENSIONS)}); "
@@ -63,3 +64,25 @@ def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
         paths += images
         labels += [label] * len(images)
     return ImageFileSplit(tuple(paths), torch.tensor(labels, dtype=torch.long))
+
+
+def files_below(folder: Path) -> Iterator[Path]:
+    """Every file under `folder`, following linked folders (datasets are often assembled from links); a
+    link back to a folder it sits in would repeat the tree forever, and is one error naming it."""
+    yield from _walk(folder, (os.path.realpath(folder),))
+
+
+def _walk(folder: Path, ancestors: tuple[str, ...]) -> Iterator[Path]:
+    with os.scandir(folder) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():  # follows a link
+            real = os.path.realpath(path)
+            if real in ancestors:
+                raise TransferCliError(
+                    f"{path} links back to {real}, a folder it is in (a symlink loop); remove the link"
+                )
+            yield from _walk(path, (*ancestors, real))
+        elif entry.is_file():
+            yield path

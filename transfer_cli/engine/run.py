@@ -44,7 +44,8 @@ def assemble(cfg: DictConfig, clock: Optional[Stopwatch] = None) -> Assembled:
     with clock.phase("model"):
         model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
     common = dict(seed=int(cfg.seed), num_workers=int(cfg.data.num_workers),
-                  augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)))
+                  augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)),
+                  skip_bad_images=bool(cfg.data.get("skip_bad_images", False)))
     with clock.phase("data"):
         loaders = {
             "train": make_loader(data.train, model, int(cfg.trainer.batch_size), train=True, **common),
@@ -52,6 +53,14 @@ def assemble(cfg: DictConfig, clock: Optional[Stopwatch] = None) -> Assembled:
             "test": make_loader(data.test, model, int(cfg.trainer.eval_batch_size), train=False, **common),
         }
     return Assembled(data, model, strategy, loaders)
+
+
+def skipped_images(loaders: dict[str, Any]) -> dict[str, Any]:
+    """results.json's count of the image files data.skip_bad_images left out, per split (none: nothing)."""
+    skipped = {split: sorted(getattr(loader, "skipped", {})) for split, loader in loaders.items()}
+    if not any(skipped.values()):
+        return {}
+    return {"skipped_images": {"count": sum(len(paths) for paths in skipped.values()), **skipped}}
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -65,7 +74,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           cfg, run_dir, tracker, clock)
         fit = trainer.fit()
         results = {**build_results(cfg, fit, run.model, run.data.class_names), **run.strategy.results(),
-                   **distributed.describe(int(cfg.trainer.batch_size)),
+                   **distributed.describe(int(cfg.trainer.batch_size)), **skipped_images(run.loaders),
                    "time": time_section(clock.seconds, clock.wall())}
         if distributed.is_main():
             write_json(RunFolder(run_dir).results_file, results)

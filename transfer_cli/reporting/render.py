@@ -59,7 +59,7 @@ def _cell(value: Any) -> str:
 
 
 def problems(runs: Sequence[Run], keys: Sequence[str], base: Path) -> list[str]:
-    """One markdown line per failed or unfinished run: its folder (relative to `base` when inside it), its
+    """One markdown line per failed, damaged or unfinished run: its folder (relative to `base` when inside it), its
     group and seed, what went wrong."""
     lines = []
     base = base.resolve()
@@ -67,7 +67,8 @@ def problems(runs: Sequence[Run], keys: Sequence[str], base: Path) -> list[str]:
         if run.status == "done":
             continue
         where = run.folder.relative_to(base) if run.folder.is_relative_to(base) else run.folder
-        what = f"failed: {run.error}" if run.status == "failed" else "unfinished: no results.json (running or killed)"
+        what = {"failed": f"failed: {run.error}", "damaged": f"damaged: {run.damaged}"}.get(
+            run.status, "unfinished: no results.json (running or killed)")
         group = ", ".join(f"{k}={_cell(run.config.get(k))}" for k in keys)
         lines.append(f"- `{where}` ({group + ', ' if group else ''}seed={run.config.get('seed')}): {what}")
     return lines

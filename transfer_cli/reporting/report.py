@@ -62,7 +62,7 @@ def report(argv: Sequence[str]) -> Path:
     text = markdown(table, keys, args.metric) + "\n\n" + "\n".join(notes)
     failures = problems(runs, keys, args.folders[0].expanduser())
     if failures:
-        text += "\n\nFailed or unfinished runs:\n" + "\n".join(failures)
+        text += "\n\nFailed, damaged or unfinished runs:\n" + "\n".join(failures)
 
     out = (args.out or args.folders[0]).expanduser()
     _write_text(out / "report.md", text + "\n")

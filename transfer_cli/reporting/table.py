@@ -60,7 +60,7 @@ def build_table(runs: Sequence[Run], keys: Sequence[str], metric: str = DEFAULT_
     for run in runs:
         values = tuple(run.config.get(k) for k in keys)
         group = groups.setdefault(values, Group(values))
-        if run.status == "failed":
+        if run.status in ("failed", "damaged"):  # a damaged run's numbers cannot be read: counted with the failed
             group.failed += 1
         elif run.status == "unfinished":
             group.unfinished += 1
