@@ -307,3 +307,17 @@ def test_fake_runs_have_the_real_structure(real_sweep, sweep):
     assert shape(fake).keys() >= {"test.acc1", "best_epoch", "train_time_s", "params.trainable"}
     real_curve = json.loads((next(real_sweep.rglob("metrics.jsonl"))).read_text().splitlines()[0])
     assert {"epoch", "val_acc1"} <= set(real_curve)
+
+
+def test_several_folders_pool_into_a_report_of_their_own(sweep, tmp_path, monkeypatch, capsys):
+    """`report A B` once wrote the pooled table over A's own report.md without saying so."""
+    first, second = sorted(p for p in sweep.iterdir() if (p / "results.json").exists())[:2]
+    monkeypatch.chdir(tmp_path)
+    main(["report", str(first), str(second)])
+    printed = capsys.readouterr().out
+    written = list((tmp_path / "reports").glob("pooled-*/report.md"))
+    assert len(written) == 1 and str(written[0].relative_to(tmp_path)) in printed
+    assert "2 finished run(s) of 2" in written[0].read_text()
+    assert not (first / "report.md").exists() and not (second / "report.md").exists()
+    main(["report", str(first), str(second)])  # the same folders: the same report folder
+    assert list((tmp_path / "reports").glob("pooled-*/report.md")) == written

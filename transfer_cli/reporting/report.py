@@ -8,6 +8,7 @@ markdown and CSV, `reporting.plots` draws it; this module is the command around 
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -36,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="KEY[,KEY]", help="group by these config keys (default: the keys that vary, seed "
                                                   "and keys that follow from others excepted)")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"a number in results.json (default {DEFAULT_METRIC})")
-    parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="where to write the report (default: the first DIR)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where to write the report (default: the DIR itself when there is one; a new "
+                             "reports/pooled-<hash> folder, named on stdout, when several are pooled)")
     return parser
 
 
@@ -64,7 +67,7 @@ def report(argv: Sequence[str]) -> Path:
     if failures:
         text += "\n\nFailed, damaged or unfinished runs:\n" + "\n".join(failures)
 
-    out = (args.out or args.folders[0]).expanduser()
+    out = (args.out or default_out(args.folders)).expanduser()
     _write_text(out / "report.md", text + "\n")
     _write_text(out / "report.csv", csv_text(table, keys, args.metric))
     figures = plots.report_figures(runs, table, keys, args.metric)
@@ -74,6 +77,15 @@ def report(argv: Sequence[str]) -> Path:
     print(text)
     print(f"\n-> {out / 'report.md'}, report.csv, " + ", ".join(f"report_{n}.png" for n in figures))
     return out
+
+
+def default_out(folders: Sequence[Path]) -> Path:
+    """One folder's report goes into it; several folders pool into a report of their own, never over
+    the first folder's report: reports/pooled-<hash of the folders>, the same for the same folders."""
+    if len(folders) == 1:
+        return folders[0]
+    names = "\n".join(str(Path(f).expanduser().resolve()) for f in folders)
+    return Path("reports") / f"pooled-{hashlib.sha256(names.encode()).hexdigest()[:8]}"
 
 
 def _write_text(path: Path, text: str) -> None:
