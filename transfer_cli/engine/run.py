@@ -64,7 +64,12 @@ def skipped_images(loaders: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, select the best epoch on validation, test it, and write results.json."""
+    """Train, select the best epoch on validation, test it, and write results.json (a class-incremental
+    scenario: every stage, `continual/scenario.py`)."""
+    if cfg.get("scenario") is not None:
+        from transfer_cli.continual.scenario import run_scenario  # the scenario builds its runs from this module's parts
+
+        return run_scenario(cfg, run_dir)
     # data-parallel (torchrun): only rank 0 logs and writes; the others train and evaluate their shares
     tracking = open_tracker(cfg, run_dir) if distributed.is_main() else nullcontext(Tracker())
     clock = Stopwatch()
