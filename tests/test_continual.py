@@ -280,3 +280,34 @@ def test_a_strategy_that_cannot_run_in_stages_is_refused_in_one_line(tmp_path, c
               f"hydra.run.dir={tmp_path / 'run'}"])
     assert stop.value.code == 2
     assert "strategy=spottune cannot run in scenario=class_incremental" in capsys.readouterr().err
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+def scenario_results(cfg, curve, tasks):
+    """A results.json as Scenario._results writes it, from each stage's acc1 and per-task accuracies."""
+    records = [{"stage": k, "classes": [2 * k, 2 * k + 2], "acc1": a, "tasks": t, "n": 100, "loss": 1.0}
+               for k, (a, t) in enumerate(zip(curve, tasks))]
+    return {"config": {"strategy": cfg.strategy.name, "seed": cfg.seed}, "full_config": {},
+            "continual": {"stages": records, **summarize(records)},
+            "test": {"acc1": curve[-1], "loss": 1.0, "n": 100}, "best_epoch": 2, "epochs": 3,
+            "params": {"total": 10, "trainable": 10}, "train_time_s": 1.0}
+
+
+def test_report_gives_average_incremental_accuracy_last_and_forgetting_over_seeds(tmp_path, capsys):
+    from transfer_cli.io import write_json
+
+    runs = {("finetune", 0): ([0.9, 0.5], [[0.9], [0.1, 0.9]]), ("finetune", 1): ([0.8, 0.4], [[0.8], [0.0, 0.8]]),
+            ("simplecil", 0): ([0.9, 0.8], [[0.9], [0.8, 0.8]]), ("simplecil", 1): ([0.9, 0.9], [[0.9], [0.9, 0.9]])}
+    for (strategy, seed), (curve, tasks) in runs.items():
+        cfg = compose_config(["scenario=class_incremental", f"strategy={strategy}", f"seed={seed}"])
+        folder = tmp_path / f"{strategy}_{seed}"
+        (folder / ".hydra").mkdir(parents=True)
+        OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+        write_json(folder / "results.json", scenario_results(cfg, curve, tasks))
+    main(["report", str(tmp_path), "--by", "strategy.name"])
+    text = (tmp_path / "report.md").read_text()
+    # finetune: Ā = (0.7, 0.6), last = (0.5, 0.4), forgetting = (0.9 − 0.1, 0.8 − 0.0) = (0.8, 0.8)
+    assert "| finetune | 65.0 ± 7.1 (70.0, 60.0) | 45.0 ± 7.1 (50.0, 40.0) | 80.0 ± 0.0 (80.0, 80.0) | 0, 1 |" in text
+    assert "| simplecil | 87.5 ± 3.5 (85.0, 90.0) | 85.0 ± 7.1 (80.0, 90.0) | 5.0 ± 7.1 (10.0, 0.0) | 0, 1 |" in text
+    assert (tmp_path / "report_continual.png").stat().st_size > 0

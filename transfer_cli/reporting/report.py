@@ -15,6 +15,7 @@ from typing import Sequence
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import atomic_path
 from transfer_cli.reporting import plots
+from transfer_cli.reporting.continual import accuracy_curve, continual_table
 from transfer_cli.reporting.grouping import check_keys, default_keys, varying_keys
 from transfer_cli.reporting.render import csv_text, markdown, problems
 from transfer_cli.reporting.runs import find_runs
@@ -63,6 +64,10 @@ def report(argv: Sequence[str]) -> Path:
     if pooled:
         notes.append(f"Pooled within each row (varying, not grouped on): {', '.join(pooled)}.")
     text = markdown(table, keys, args.metric) + "\n\n" + "\n".join(notes)
+    scenario = continual_table(runs, keys)
+    if scenario:
+        text += ("\n\nClass-incremental runs: average incremental accuracy Ā, last accuracy, forgetting; mean ± "
+                 "sample std over seeds (per-seed values in brackets).\n\n" + scenario)
     failures = problems(runs, keys, args.folders[0].expanduser())
     if failures:
         text += "\n\nFailed, damaged or unfinished runs:\n" + "\n".join(failures)
@@ -71,6 +76,9 @@ def report(argv: Sequence[str]) -> Path:
     _write_text(out / "report.md", text + "\n")
     _write_text(out / "report.csv", csv_text(table, keys, args.metric))
     figures = plots.report_figures(runs, table, keys, args.metric)
+    curve = accuracy_curve(runs, keys)
+    if curve is not None:
+        figures["continual"] = curve
     for name, figure in figures.items():
         with atomic_path(out / f"report_{name}.png") as tmp:
             figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
