@@ -274,12 +274,15 @@ def test_each_method_runs_a_scenario_from_the_cli(strategy, tmp_path, capsys):
     assert sorted(p.name for p in run.rglob("end.pt")) == ["end.pt"]  # only the latest stage's is kept
 
 
-def test_a_strategy_that_cannot_run_in_stages_is_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=spottune"], "strategy=spottune cannot run in scenario=class_incremental"),
+    (["strategy=freeze"], "strategy.cache_features=auto keeps one fit's frozen features"),
+])
+def test_what_cannot_run_in_stages_is_refused_in_one_line(tmp_path, capsys, overrides, message):
     with pytest.raises(SystemExit) as stop:
-        main(["train", "scenario=class_incremental", "trainer=smoke", "strategy=spottune",
-              f"hydra.run.dir={tmp_path / 'run'}"])
+        main(["train", "scenario=class_incremental", "trainer=smoke", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
     assert stop.value.code == 2
-    assert "strategy=spottune cannot run in scenario=class_incremental" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 # ---- the report -----------------------------------------------------------------------------

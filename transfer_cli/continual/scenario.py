@@ -189,6 +189,10 @@ def check_scenario(cfg: DictConfig) -> None:
         raise TransferCliError(f"strategy={cfg.strategy.name} cannot run in scenario=class_incremental: its {reason} "
                                "structure is built for one fit; use finetune, l2sp, freeze, a PEFT strategy, "
                                "simplecil, aper, ewc or cil_lwf")
+    cache = cfg.strategy.get("cache_features", False)
+    if cache is not False:
+        raise TransferCliError(f"strategy.cache_features={cache} keeps one fit's frozen features, but each stage trains on "
+                               "other examples; in scenario=class_incremental set strategy.cache_features=false")
     if distributed.place().world_size > 1:
         raise TransferCliError("scenario=class_incremental runs in one process; start it without torchrun")
     if str(cfg.logger.get("name", "none")) != "none":
