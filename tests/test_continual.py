@@ -314,3 +314,13 @@ def test_report_gives_average_incremental_accuracy_last_and_forgetting_over_seed
     assert "| finetune | 65.0 ± 7.1 (70.0, 60.0) | 45.0 ± 7.1 (50.0, 40.0) | 80.0 ± 0.0 (80.0, 80.0) | 0, 1 |" in text
     assert "| simplecil | 87.5 ± 3.5 (85.0, 90.0) | 85.0 ± 7.1 (80.0, 90.0) | 5.0 ± 7.1 (10.0, 0.0) | 0, 1 |" in text
     assert (tmp_path / "report_continual.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=simplecil"], "strategy=simplecil acts between the stages"),
+    (["regularizers=[ewc]"], "ewc acts between the stages of a class-incremental run; add scenario=class_incremental"),
+])
+def test_a_stage_method_without_a_scenario_is_refused_in_one_line(tmp_path, capsys, overrides, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "trainer=smoke", *overrides, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -17,11 +17,13 @@ from transfer_cli.engine.loop import Trainer
 from transfer_cli.engine.results import build_results
 from transfer_cli.engine.seeding import seed_everything
 from transfer_cli.engine.timing import Stopwatch, time_section
+from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
 from transfer_cli.reporting.trackers import Tracker, open_tracker
 from transfer_cli.run_folder import RunFolder
 from transfer_cli.strategies import build_strategy
 from transfer_cli.strategies.base import Strategy
+from transfer_cli.strategies.continual.stage_hooks import outside_a_scenario
 
 
 @dataclass
@@ -40,6 +42,9 @@ def assemble(cfg: DictConfig, clock: Optional[Stopwatch] = None) -> Assembled:
     with clock.phase("data"):
         data = build_data(cfg.data, seed=int(cfg.seed))
     strategy = build_strategy(cfg)
+    refusal = outside_a_scenario(strategy)
+    if refusal:
+        raise TransferCliError(refusal)
     seed_everything(int(cfg.seed))
     with clock.phase("model"):
         model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)

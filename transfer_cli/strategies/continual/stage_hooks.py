@@ -60,3 +60,12 @@ def grow_head(model: TransferModel, num_classes: int) -> None:
         new.bias.requires_grad_(old.bias.requires_grad)
     model.head = new
     model.regroup()
+
+
+def outside_a_scenario(strategy: Any) -> Optional[str]:
+    """The one-line refusal for a method that only works between stages, run as one plain fit (None: fine)."""
+    hooked = stage_hooks(strategy)
+    if not hooked:
+        return None
+    names = ", ".join(getattr(h, "name", None) or f"strategy={h.cfg.name}" for h in hooked)
+    return f"{names} acts between the stages of a class-incremental run; add scenario=class_incremental"
