@@ -272,6 +272,11 @@ def test_each_method_runs_a_scenario_from_the_cli(strategy, tmp_path, capsys):
     trained = [(run / f"stage_{k}" / "metrics.jsonl").exists() for k in range(3)]
     assert trained == {"simplecil": [False] * 3, "aper": [True, False, False]}.get(strategy, [True] * 3)
     assert sorted(p.name for p in run.rglob("end.pt")) == ["end.pt"]  # only the latest stage's is kept
+    if strategy == "simplecil":
+        assert results["params"]["trainable"] == 0
+    if strategy == "aper":  # SSF's scales and shifts and the head trained in the first stage; frozen after it
+        assert results["params"]["trainable"] == 0 and results["peft"]["parameters"] > 0
+        assert results["adapted"]["parameters"] > results["peft"]["parameters"]
 
 
 @pytest.mark.parametrize("overrides, message", [

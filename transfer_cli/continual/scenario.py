@@ -179,6 +179,7 @@ class Scenario:
             "params": parameter_counts(self.model),
             "train_time_s": self.clock.seconds.get("train", 0.0),
             "time": time_section(self.clock.seconds, self.clock.wall()),
+            **self.strategy.results(),
         }
 
 

@@ -65,6 +65,9 @@ class SimpleCIL(StageHooks, Strategy):
     def training_strategy(self, stage: int) -> Optional[Strategy]:
         return None
 
+    def begin_scenario(self, model: TransferModel) -> None:
+        model.requires_grad_(False)  # never trained: results.json counts no trainable parameter
+
     def features(self, model: TransferModel, batch: Batch) -> torch.Tensor:
         return model.features(batch)
 
@@ -106,11 +109,13 @@ class Aper(SimpleCIL):
         super().__init__(cfg, optim)
         self.adaptation = STRATEGIES.get(adapt)(inner, optim, regularizers)
         self.frozen_body: Optional[TransferModel] = None
+        self.adapted: dict[str, Any] = {}  # what the first stage trained (results.json), kept once it is frozen
 
     def training_strategy(self, stage: int) -> Optional[Strategy]:
         return self.adaptation if stage == 0 else None
 
     def begin_scenario(self, model: TransferModel) -> None:
+        """The pretrained body, kept frozen beside the one the first stage adapts (not SimpleCIL's freezing)."""
         self.frozen_body = plain_copy(model).eval().requires_grad_(False)
 
     def features(self, model: TransferModel, batch: Batch) -> torch.Tensor:
@@ -118,16 +123,20 @@ class Aper(SimpleCIL):
 
     def after_stage(self, stage: int, model: TransferModel, loader: Any, device: torch.device) -> None:
         if stage == 0:
+            self.adapted = {"adapted": {"method": self.cfg.adapt, "parameters": sum(
+                p.numel() for p in model.parameters() if p.requires_grad)}, **self.adaptation.results()}
             model.requires_grad_(False)  # adapted once, then frozen
         super().after_stage(stage, model, loader, device)
 
     def results(self) -> dict[str, Any]:
-        return self.adaptation.results()
+        """The first stage's trained parameters (the adaptation's and the head's): the model ends frozen."""
+        return self.adapted
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "adaptation": self.adaptation.state_dict()}
+        return {**super().state_dict(), "adaptation": self.adaptation.state_dict(), "adapted": self.adapted}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         if "adaptation" in state:
             self.adaptation.load_state_dict(state["adaptation"])
+        self.adapted = state.get("adapted", self.adapted)
