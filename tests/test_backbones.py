@@ -203,7 +203,7 @@ def test_unknown_model_name_suggests_how_to_list_names():
 
 
 def test_registry_lists_every_kind_with_a_summary():
-    assert BACKBONES.names() == ["hf", "minilm", "timm"]
+    assert BACKBONES.names() == ["efficientnet_lite0", "hf", "minilm", "timm"]
     assert all(BACKBONES.summary(kind) for kind in BACKBONES.names())
     with pytest.raises(TransferCliError):
         build_backbone(OmegaConf.create({"kind": "keras"}), NUM_CLASSES)

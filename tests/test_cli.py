@@ -102,7 +102,7 @@ def test_list_prints_every_strategy_with_a_summary(capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["train", "strategy=sorcery"], "unknown strategy 'sorcery'; choose one of: "),
-    (["train", "backbone=nope"], "unknown backbone 'nope'; choose one of: hf, minilm, quickstart, timm"),
+    (["train", "backbone=nope"], "unknown backbone 'nope'; choose one of: efficientnet_lite0, hf, minilm, quickstart, timm"),
     (["train", "data=nope"], "unknown data 'nope'"),
     (["train", "trainer.max_epoch=3"], "unknown config key 'trainer.max_epoch' (did you mean trainer.max_epochs?)"),
     (["train", "-m", "strategy=finetune,sorcery"], "unknown strategy 'sorcery'"),

@@ -51,6 +51,18 @@ def counts(labels: torch.Tensor, n: int) -> list[int]:
 
 
 # ---- digits --------------------------------------------------------------------------------------
+def test_digits_read_without_scikit_learn_are_scikit_learns_digits():
+    from sklearn.datasets import load_digits
+
+    from transfer_cli.data.digits import digits
+
+    bundle = digits(data_cfg("digits", samples_per_class=None, val_fraction=0.0, test_fraction=0.0))
+    raw = load_digits()
+    assert torch.equal(bundle.train.images[:, 0], torch.from_numpy(np.rint(raw.images * 255 / 16).astype(np.uint8)))
+    assert torch.equal(bundle.train.labels, torch.from_numpy(raw.target).long())
+    assert bundle.class_names == tuple(str(c) for c in raw.target_names)
+
+
 def test_digits_shapes_and_test_split_fixed_across_run_seeds():
     a = build_data(data_cfg("digits", samples_per_class=None), seed=0)
     b = build_data(data_cfg("digits", samples_per_class=None), seed=1)

@@ -51,12 +51,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_one_process(rank: int, world_size: int, port: int, out: str) -> None:
-    """One torchrun-like process: join the group, train the toy model, save what the test checks."""
+def join_group(rank: int, world_size: int, port: int) -> None:
+    """What torchrun gives a process: its place in the environment, then the gloo group joined."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     distributed.init("cpu")
+
+
+def train_one_process(rank: int, world_size: int, port: int, out: str) -> None:
+    """One torchrun-like process: join the group, train the toy model, save what the test checks."""
+    join_group(rank, world_size, port)
     try:
         torch.manual_seed(0)
         cfg = toy_config(max_epochs=EPOCHS)
@@ -153,11 +158,14 @@ def test_test_metrics_are_those_of_the_whole_test_set_and_only_rank_0_writes(two
     model = ToyModel()
     model.load_state_dict(ranks[0]["state"])
     strategy = build_strategy(OmegaConf.create({**toy_config(), "strategy": {"name": "finetune"}}))
-    whole = evaluate(model, strategy, loader(N_TEST, 3, False), torch.device("cpu"), "fp32")
+    whole = evaluate(model, strategy, loader(N_TEST, 3, False), torch.device("cpu"), "fp32", detailed=True)
     for r in ranks:
         assert r["test"]["n"] == N_TEST
-        assert r["test"]["acc1"] == whole["acc1"]
-        assert r["test"]["loss"] == pytest.approx(whole["loss"], rel=1e-6)  # float32 sums in another order
+        assert r["test"]["confusion"] == whole["confusion"]  # summed over the processes' shards
+        for name in ("acc1", "acc5", "mean_class_acc", "macro_f1"):
+            assert r["test"][name] == whole[name], name
+        for name in ("loss", "ece"):  # float sums in another order
+            assert r["test"][name] == pytest.approx(whole[name], rel=1e-6), name
     metrics = (out / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in metrics] == list(range(EPOCHS))  # one line per epoch, not two
 
@@ -169,7 +177,7 @@ def test_torchrun_cli_writes_one_run_folder_with_global_results(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "transfer_cli", "train", "trainer=smoke", "trainer.max_eval_batches=null", "trainer.max_epochs=1"]
+               "-m", "transfer_cli", "train", "trainer=smoke", "trainer.max_val_batches=null", "trainer.max_test_batches=null", "trainer.max_epochs=1"]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("test acc1") == 1  # printed by rank 0 only

@@ -38,13 +38,27 @@ def test_step_schedule():
     assert lr_factor(20, 100, 10, cfg) == pytest.approx(0.1)
 
 
-def test_discriminative_rates_and_head_multiplier():
-    model = ToyModel()
-    optim = OmegaConf.create({"head_lr_mult": 10.0, "layer_decay": 2.6})
-    groups = {g["name"]: g["lr"] for g in Strategy(OmegaConf.create({}), optim).param_groups(model, 0.01)}
+def rates(head_lr_mult, layer_decay, model=None):
+    optim = OmegaConf.create({"head_lr_mult": head_lr_mult, "layer_decay": layer_decay})
+    return {g["name"]: g["lr"] for g in Strategy(OmegaConf.create({}), optim).param_groups(model or ToyModel(), 0.01)}
+
+
+def test_discriminative_rates_follow_ulmfit():
+    """ULMFiT eq. 2: the group directly below the head trains at η / 2.6, each group below at its upper
+    neighbour's rate / 2.6; the head at η."""
+    groups = rates(head_lr_mult=1.0, layer_decay=2.6)
+    assert groups["head"] == pytest.approx(0.01)
+    assert groups["block"] == pytest.approx(0.01 / 2.6)
+    assert groups["stem"] == pytest.approx(0.01 / 2.6**2)
+
+
+def test_head_multiplier_scales_the_head_alone():
+    """The body's rates decay from η whatever the head's multiplier."""
+    groups = rates(head_lr_mult=10.0, layer_decay=2.6)
     assert groups["head"] == pytest.approx(0.1)
-    assert groups["block"] == pytest.approx(0.01)
-    assert groups["stem"] == pytest.approx(0.01 / 2.6)
+    assert groups["block"] == pytest.approx(0.01 / 2.6)
+    assert groups["stem"] == pytest.approx(0.01 / 2.6**2)
+    assert rates(head_lr_mult=10.0, layer_decay=1.0) == pytest.approx({"head": 0.1, "block": 0.01, "stem": 0.01})
 
 
 def test_optimizer_state_follows_parameters_by_name_across_rebuilds():

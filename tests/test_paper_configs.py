@@ -84,8 +84,9 @@ def test_paper_config_composes_and_builds_offline(name, tiny_bert):
         rates = {g["name"]: g["lr"] for g in strategy.param_groups(model, float(cfg.optim.lr))}
         assert rates["head"] == pytest.approx(cfg.optim.lr * cfg.optim.head_lr_mult)
         body = [n for n in model.group_names() if n != "head"]
-        assert rates[body[-1]] == pytest.approx(cfg.optim.lr)
-        assert rates[body[0]] == pytest.approx(cfg.optim.lr / cfg.optim.layer_decay ** (len(body) - 1))
+        # ULMFiT: the group directly below the head at η / d, the lowest at η / d^(number of body groups)
+        assert rates[body[-1]] == pytest.approx(cfg.optim.lr / cfg.optim.layer_decay)
+        assert rates[body[0]] == pytest.approx(cfg.optim.lr / cfg.optim.layer_decay ** len(body))
 
 
 def dummy_batch(size):

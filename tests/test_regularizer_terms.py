@@ -14,7 +14,7 @@ from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
 from transfer_cli.strategies import build_strategy
 from tests.test_loop import CrashingLoader
-from tests.toy import ToyLoader, ToyModel, toy_config
+from tests.toy import ToyLoader, ToyModel, toy_config, without_timing
 
 TERMS = {
     "l2sp": {"alpha": 0.1, "beta": 0.01, "bn_affine": True},
@@ -52,8 +52,7 @@ def test_flat_strategy_equals_finetune_holding_the_term(tmp_path, term):
 
 def learning_record(run_dir):
     """metrics.jsonl without its wall-clock fields."""
-    timing = {"epoch_time_s", "train_samples_per_s"}
-    return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return without_timing(read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def test_a_schedule_with_two_terms_adds_exactly_their_sum(tmp_path):

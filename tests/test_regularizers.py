@@ -147,6 +147,8 @@ def test_feature_map_distance_handles_conv_and_token_maps():
     assert attended_feature_distance([fm], [fm0], [w]).item() == pytest.approx(0.5 * 3 / 4 * 2 * 0.5 * 4)
     tokens = fm.flatten(2).transpose(1, 2)  # (B, T=4, D=3): the same units as hidden dims
     assert attended_feature_distance([tokens], [tokens * 0], [w]).item() == pytest.approx(0.5 * 3 / 4 * 2 * 0.5 * 4)
+    pooled = fm.mean(dim=(2, 3))  # (B, C): pooled features, a 1x1 map (ConvNeXt's last group)
+    assert attended_feature_distance([pooled], [pooled * 0], [w]).item() == pytest.approx(0.5 * 3 / 1 * 2 * 0.5 * 1)
 
 
 class OneChannelModel(ToyModel):

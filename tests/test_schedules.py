@@ -7,13 +7,14 @@ from omegaconf import OmegaConf
 
 from transfer_cli.backbones import build_backbone
 from transfer_cli.cli import main
+from transfer_cli.overrides import compose_config
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import read_jsonl
 from transfer_cli.strategies import build_strategy
 from tests.conftest import WORDS
 from tests.test_loop import CrashingLoader
-from tests.toy import ToyLoader, ToyModel, toy_config
+from tests.toy import ToyLoader, ToyModel, toy_config, without_timing
 
 
 class Batches:
@@ -124,7 +125,6 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["toy", "resnet", "bert"])
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_trainable_groups_per_epoch_are_the_papers(name, backbone, tmp_path, tiny_bert):
@@ -148,13 +148,16 @@ def strategy_for(cfg):
     return build_strategy(OmegaConf.merge(toy_config(), {"strategy": cfg}))
 
 
-def chain_thaw(**cfg):
-    return strategy_for({"name": "chain_thaw", "epochs_per_stage": None, "patience": 1, "next_lr_mult": 0.1,
-                         "bn": "freeze", **cfg})
+def chain_thaw(model, max_epochs=100, **cfg):
+    strategy = strategy_for({"name": "chain_thaw", "epochs_per_stage": None, "patience": 1, "next_lr_mult": 0.1,
+                             "bn": "freeze", **cfg})
+    strategy.plan(model, max_epochs)
+    return strategy
 
 
 def test_chain_thaw_ends_a_stage_on_patience_and_restores_its_best_weights():
-    strategy, model = chain_thaw(), ToyModel()
+    model = ToyModel()
+    strategy = chain_thaw(model)
     strategy.on_epoch_start(0, model)
     best = {k: v.clone() for k, v in model.state_dict().items()}
     assert not strategy.on_epoch_end(0, model, {"loss": 1.0})
@@ -168,7 +171,8 @@ def test_chain_thaw_ends_a_stage_on_patience_and_restores_its_best_weights():
 
 
 def test_chain_thaw_stops_training_after_its_last_stage():
-    strategy, model = chain_thaw(epochs_per_stage=1, patience=5), ToyModel()
+    model = ToyModel()
+    strategy = chain_thaw(model, epochs_per_stage=1, patience=5)
     stops = []
     for epoch in range(4):
         strategy.on_epoch_start(epoch, model)
@@ -203,21 +207,82 @@ def test_resume_after_a_crash_mid_schedule_gives_the_uninterrupted_result(tmp_pa
     b, _ = fit(tmp_path / "b", model_b, ToyLoader(), strategy, max_epochs=6, resume=True)
     assert b.test == a.test
     assert all(torch.equal(x, y) for x, y in zip(model_a.state_dict().values(), model_b.state_dict().values()))
-    volatile = ("epoch_time_s", "train_samples_per_s")
-    assert [{k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [
-        {k: v for k, v in r.items() if k not in volatile} for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert without_timing(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == without_timing(
+        read_jsonl(tmp_path / "b" / "metrics.jsonl"))
 
 
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, expected", [
-    (["strategy=gradual_unfreeze"], [["head"], ["layer4", "head"]]),
-    (["strategy=sequential_unfreeze"], [["head"], RESNET[1:]]),
-    (["strategy=chain_thaw", "strategy.epochs_per_stage=1"], [["head"], ["stem"]]),
+@pytest.mark.parametrize("strategy, expected, needed, completed", [
+    ("gradual_unfreeze", [["head"], ["layer4", "head"]], 6, 2),
+    ("sequential_unfreeze", [["head"], RESNET[1:]], 5, 1),
+    ("chain_thaw", [["head"], ["stem"]], 7, 2),  # epochs_per_stage=auto: one epoch per stage at the least
 ])
-def test_cli_runs_each_schedule(tmp_path, strategy, expected):
-    main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={tmp_path}", *strategy])
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["strategy"] == strategy[0].split("=")[1]
-    assert [r["trainable_groups"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == expected
+def test_cli_runs_each_schedule_and_says_when_max_epochs_is_too_short(tmp_path, capsys, strategy, expected, needed,
+                                                                       completed):
+    main(["train", "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={tmp_path}", f"strategy={strategy}"])
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("transfer-cli: note:")]
+    assert len(notes) == 1 and f"needs {needed} epochs" in notes[0] and "trainer.max_epochs=2" in notes[0]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["config"]["strategy"] == strategy
+    assert results["schedule"]["completed"] == completed and results["schedule"]["stages"] == needed - (
+        strategy == "sequential_unfreeze") * 2
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["trainable_groups"] for r in records] == expected
+
+
+def simulate(strategy, model, max_epochs):
+    """The schedule's hooks over the run's epochs, validation loss falling every epoch (no early stop):
+    the trainable groups of each epoch trained."""
+    seen = []
+    for epoch in range(max_epochs):
+        strategy.on_epoch_start(epoch, model)
+        seen.append(model.trainable_group_names())
+        if strategy.on_epoch_end(epoch, model, {"loss": 1.0 / (epoch + 1), "acc1": 0.5}):
+            break
+    return seen
+
+
+@pytest.mark.parametrize("experiment", [None, pytest.param("minilm_sentiment", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_every_schedule_completes_with_its_defaults(name, experiment):
+    """`train strategy=S` as typed, on the quickstart and on MiniLM: no note, and every stage trains."""
+    cfg = compose_config([f"strategy={name}", *([f"experiment={experiment}"] if experiment else [])])
+    model = build_backbone(cfg.backbone, num_classes=2)
+    strategy = build_strategy(cfg)
+    assert strategy.plan(model, int(cfg.trainer.max_epochs)) is None
+    seen = simulate(strategy, model, int(cfg.trainer.max_epochs))
+    stages = strategy.stages(model)
+    assert [stage for stage in stages if stage in seen] == stages
+    assert strategy.results()["schedule"] == {**strategy.results()["schedule"], "completed": len(stages),
+                                              "stages": len(stages)}
+
+
+def test_auto_stages_split_the_epochs_and_the_last_takes_the_remainder():
+    model = ToyModel()  # stages: head, stem, block, all
+    strategy = chain_thaw(model, max_epochs=10, epochs_per_stage="auto", patience=5)
+    assert strategy.caps == [2, 2, 2, 4]
+    seen = simulate(strategy, model, 10)
+    assert seen == [["head"]] * 2 + [["stem"]] * 2 + [["block"]] * 2 + [["stem", "block", "head"]] * 4
+    assert strategy.results()["schedule"]["epochs_per_stage"] == [2, 2, 2, 4]
+
+
+def test_uncapped_chain_thaw_says_how_many_epochs_its_stages_need_at_least():
+    model = ToyModel()
+    note = chain_thaw(ToyModel(), max_epochs=10, epochs_per_stage=None, patience=5).plan(model, 10)
+    assert "needs 24 epochs" in note and "strategy.epochs_per_stage=auto" in note  # 4 stages x (1 + patience)
+    strategy = chain_thaw(model, max_epochs=10, epochs_per_stage=None, patience=5)
+    simulate(strategy, model, 10)  # the loss keeps falling: the head stage never ends
+    assert strategy.results()["schedule"]["completed"] == 0
+    assert strategy.results()["schedule"]["epochs_per_stage"] == [10, 0, 0, 0]
+
+
+def test_chain_thaw_patience_counts_validations_only():
+    model = ToyModel()
+    strategy = chain_thaw(model, max_epochs=100, epochs_per_stage=None, patience=1)
+    for epoch, val in enumerate([{"loss": 1.0}, None, None, {"loss": 2.0}]):
+        strategy.on_epoch_start(epoch, model)
+        strategy.on_epoch_end(epoch, model, val)
+    assert strategy.stage == 1 and strategy.stage_epochs == [4]  # ended by the second validation, not by epoch 2

@@ -10,10 +10,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from transfer_cli.job_names import job_name
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
+# hydra.sweep.subdir: a sweep job's folder named by its own overrides (job_names.py)
+OmegaConf.register_new_resolver("job_name", lambda overrides, exclude: job_name(overrides, exclude), replace=True)
 
 
 def config_options(group: str) -> list[str]:

@@ -8,6 +8,7 @@ import difflib
 from typing import Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,6 +53,8 @@ def check_overrides(overrides: Sequence[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
         raise TransferCliError(f"cannot parse the overrides: {str(err).splitlines()[0]}") from None
+    if all(_picks_an_existing_option(o) for o in parsed):
+        return  # nothing a composition could reject: `train` and `train trainer=smoke` start without one
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     firsts = {o.input_line: f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps}
@@ -62,6 +65,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
         others = [v for k, v in firsts.items() if k != sweep.input_line]
         for value in list(sweep.sweep_string_iterator())[1:]:
             check_values(compose_config(base + others + [f"{sweep.get_key_element()}={value}"]))
+
+
+def _picks_an_existing_option(override: Override) -> bool:
+    """`group=name` where configs/<group>/<name>.yaml exists (trainer=smoke, experiment=paper/x)."""
+    value = override.value()
+    return (override.type == OverrideType.CHANGE and override.package is None and isinstance(value, str)
+            and (CONFIG_DIR / override.key_or_group / f"{value}.yaml").is_file())
 
 
 def check_value_types(cfg: DictConfig, defaults: DictConfig) -> None:

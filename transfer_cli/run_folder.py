@@ -6,6 +6,8 @@
       results.json          the summary of a finished run (what tables and sweeps are built from)
       failed.json           a sweep job's error, instead of results.json
       eval.json             `transfer-cli eval`: the best checkpoint re-evaluated on the test split
+      confusion_matrix.png  the test split's confusion matrix (trainer.confusion_png)
+      predictions/          `transfer-cli predict`: <input name>.csv
       checkpoints/last.pt   everything needed to resume
       checkpoints/best.pt   the weights selected on validation
       analysis/             `transfer-cli analyze`: <name>.json, .md and .png
@@ -34,6 +36,8 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 FAILED = "failed.json"
 EVAL = "eval.json"
+CONFUSION_PNG = "confusion_matrix.png"
+PREDICTIONS = "predictions"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -52,6 +56,8 @@ class RunFolder:
         self.results_file = self.path / RESULTS
         self.failed_file = self.path / FAILED
         self.eval_file = self.path / EVAL
+        self.confusion_png = self.path / CONFUSION_PNG
+        self.predictions_dir = self.path / PREDICTIONS
         self.checkpoints_dir = self.path / CHECKPOINTS
         self.last_checkpoint = self.checkpoints_dir / LAST
         self.best_checkpoint = self.checkpoints_dir / BEST

@@ -6,6 +6,7 @@ stopping the sweep, and the command fails at the end when any job did.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -94,6 +95,13 @@ def _train_app(cfg: DictConfig) -> float | None:
         distributed.shutdown()
     if results is None or not main:  # None: a failed sweep job, recorded in its failed.json
         return None
-    print(f"test acc1 {results['test']['acc1']:.4f}  loss {results['test']['loss']:.4f}  "
-          f"(best epoch {results['best_epoch']}, {results['train_time_s']:.1f}s)  -> {run_dir}")
-    return results["test"]["acc1"]
+    from transfer_cli.engine.results import summary
+
+    print(f"{summary(results)}  -> {run_dir}")
+    return objective(results, str(cfg.trainer.select_by))
+
+
+def objective(results: dict, select_by: str) -> float:
+    """What the app returns to a Hydra sweeper (hydra/sweeper=optuna): the best epoch's validation
+    `trainer.select_by`, never a test number, so that a search cannot select on the test split."""
+    return float(results["val"].get(select_by, math.nan))

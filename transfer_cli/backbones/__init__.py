@@ -19,4 +19,4 @@ def build_backbone(cfg: DictConfig, num_classes: int, pretrained: bool = True) -
 
 
 # Imported for their effect: each registers its builders in BACKBONES.
-from transfer_cli.backbones import hf_backbone, timm_backbone  # noqa: E402,F401
+from transfer_cli.backbones import efficientnet_lite0, hf_backbone, timm_backbone  # noqa: E402,F401

@@ -1,8 +1,8 @@
 """Export a trained body as a pretrained source for the next run (`backbone.weights=<path>`).
 
-Image bodies become one .safetensors file with timm's own key names and, in its metadata, the
-architecture and the data config, so the next run rebuilds the same model and preprocessing from
-the file alone. Text bodies become a save_pretrained folder (model + tokenizer).
+Image bodies become one .safetensors file with timm's own key names (the trained head under the
+architecture's classifier name, the next run's source head) and, in its metadata, the architecture
+and the data config, so the next run rebuilds the same model and preprocessing from the file alone. Text bodies become a save_pretrained folder (model + tokenizer).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import safetensors.torch
+from torch import nn
 
 from transfer_cli.backbones.hf_backbone import HFModel
 from transfer_cli.backbones.model import TransferModel
@@ -37,8 +38,14 @@ def export_body(model: TransferModel, path: str | os.PathLike, metadata: Mapping
 
 
 def _export_safetensors(model: TransferModel, path: Path, metadata: dict[str, Any]) -> None:
+    """The body in timm's names, and the trained head under the architecture's classifier name (e.g. `fc`),
+    so the next run keeps it as its source head (Co-Tuning and LwF need the source task's classifier)."""
+    state = dict(model.body.state_dict())
+    classifier = model.body.pretrained_cfg.get("classifier")
+    if isinstance(classifier, str) and isinstance(model.head, nn.Linear):
+        state.update({f"{classifier}.{k}": v for k, v in model.head.state_dict().items()})
     # clone: safetensors refuses tensors that share storage, and wants them contiguous
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.body.state_dict().items()}
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
     header = {
         "architecture": model.body.pretrained_cfg["architecture"],
         "pretrained_cfg": json.dumps(model.preprocessing),

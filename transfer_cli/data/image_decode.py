@@ -22,9 +22,13 @@ _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 def open_image(path: str | Path, mode: str) -> Image.Image:
     """The image in `path`, decoded, upright, in `mode` ("RGB" or "L"); raises one of DECODE_ERRORS."""
     with Image.open(path) as image:
-        image.load()  # decode now: a truncated file fails here, inside the caller's error handling
-        upright = ImageOps.exif_transpose(image)
-    return convert(upright, mode)
+        return upright(image, mode)
+
+
+def upright(image: Image.Image, mode: str) -> Image.Image:
+    """An opened image decoded, turned upright by its EXIF orientation, in `mode`; raises one of DECODE_ERRORS."""
+    image.load()  # decode now: a truncated file fails here, inside the caller's error handling
+    return convert(ImageOps.exif_transpose(image), mode)
 
 
 def convert(image: Image.Image, mode: str) -> Image.Image:

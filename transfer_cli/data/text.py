@@ -1,4 +1,5 @@
-"""Text classification sources: CSV / JSONL files, and anything `datasets.load_dataset` reads."""
+"""Text classification from CSV / JSONL files, and the label mapping every labelled table shares
+(`data.hf_dataset` uses it for text and images)."""
 from __future__ import annotations
 
 import csv
@@ -6,16 +7,16 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from transfer_cli.data.common import DATASETS, assemble, first_line
+from transfer_cli.data.common import DATASETS, assemble
 from transfer_cli.data.splits import DataBundle, TextSplit
 from transfer_cli.errors import TransferCliError
 
-#: split -> (texts, raw labels, where they came from for error messages)
+#: split -> (texts or images, raw labels, where they came from for error messages)
 Columns = dict[str, tuple[list, list, str]]
 
 
@@ -28,42 +29,9 @@ def csv_text(cfg: DictConfig) -> DataBundle:
         if file is not None:
             path = Path(os.path.expanduser(str(file)))
             rows = read_rows(path, f"{split}_file")
-            columns[split] = _pick(cfg, list(rows[0]), lambda c: [r.get(c) for r in rows], str(path))
-    return _bundle(cfg, columns, class_names=None)
-
-
-@DATASETS.register("hf_dataset")
-def hf_dataset(cfg: DictConfig) -> DataBundle:
-    """A text classification dataset through datasets.load_dataset(path, name) (hub name or local files)."""
-    try:
-        import datasets
-    except ImportError:
-        raise TransferCliError("data=hf_dataset needs the `datasets` package; pip install datasets") from None
-    if cfg.train_split is None:
-        raise TransferCliError("data.train_split is null; set it to the dataset's training split, e.g. train")
-    files = OmegaConf.to_container(cfg.data_files) if OmegaConf.is_config(cfg.data_files) else cfg.data_files
-    try:
-        loaded = datasets.load_dataset(cfg.path, cfg.config_name, data_files=files)
-    except (OSError, ValueError) as e:
-        raise TransferCliError(
-            f"cannot load dataset {cfg.path!r}: {first_line(e)}; "
-            "check data.path, data.config_name and data.data_files"
-        ) from None
-    columns: Columns = {}
-    for split in ("train", "val", "test"):
-        name = cfg[f"{split}_split"]
-        if name is None:
-            continue
-        if name not in loaded:
-            raise TransferCliError(
-                f"dataset {cfg.path!r} has no split {name!r} (it has: {', '.join(loaded)}); "
-                f"set data.{split}_split to one of them, or to null to carve it from train"
-            )
-        table = loaded[name]
-        columns[split] = _pick(cfg, table.column_names, lambda c: list(table[c]), f"{cfg.path} [{name}]")
-    feature = loaded[cfg.train_split].features.get(cfg.label_column)
-    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-    return _bundle(cfg, columns, class_names=names)
+            check_columns(cfg, list(rows[0]), str(path), ("text_column", "label_column"))
+            columns[split] = ([r.get(cfg.text_column) for r in rows], [r.get(cfg.label_column) for r in rows], str(path))
+    return text_bundle(cfg, columns, class_names=None)
 
 
 def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
@@ -124,21 +92,18 @@ def _object(row: Any, path: Path, number: Optional[int], index: Optional[int] = 
     return row
 
 
-def _pick(
-    cfg: DictConfig, available: Sequence[str], fetch: Callable[[str], list], where: str
-) -> tuple[list, list, str]:
-    """(texts, labels, where) of one split, after checking both configured columns exist."""
-    for key in ("text_column", "label_column"):
+def check_columns(cfg: DictConfig, available: Sequence[str], where: str, keys: Sequence[str]) -> None:
+    """Each column the config keys name (data.text_column, data.label_column, ...) exists in the split."""
+    for key in keys:
         if cfg[key] not in available:
             raise TransferCliError(
                 f"column {cfg[key]!r} not in {where} (columns: {', '.join(available)}); "
                 f"set data.{key}=<column>"
             )
-    return fetch(cfg.text_column), fetch(cfg.label_column), where
 
 
-def _bundle(cfg: DictConfig, columns: Columns, class_names: Optional[Sequence[str]]) -> DataBundle:
-    """TextSplits with one label mapping for all splits, then val/test carved if missing.
+def label_ids(columns: Columns, class_names: Optional[Sequence[str]]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The class names and each split's label ids, one mapping for all splits.
 
     With `class_names` (a dataset's ClassLabel feature) the raw labels are already class ids;
     without, they are class names (strings or integers) and the names are collected from all splits.
@@ -146,19 +111,26 @@ def _bundle(cfg: DictConfig, columns: Columns, class_names: Optional[Sequence[st
     by_id = class_names is not None
     names = list(class_names) if by_id else _label_names(columns)
     index = {name: i for i, name in enumerate(names)}
-    splits = {}
-    for split, (texts, labels, where) in columns.items():
+    ids = {}
+    for split, (_, labels, where) in columns.items():
         if by_id:
-            ids = [label if isinstance(label, int) else -1 for label in labels]
+            found = [label if isinstance(label, int) else -1 for label in labels]
         else:
-            ids = [index.get(str(label), -1) for label in labels]
-        bad = next((row for row, i in enumerate(ids) if not 0 <= i < len(names)), None)
+            found = [index.get(str(label), -1) for label in labels]
+        bad = next((row for row, i in enumerate(found) if not 0 <= i < len(names)), None)
         if bad is not None:
             raise TransferCliError(
                 f"example {bad + 1} of {where} has no usable label ({labels[bad]!r}); label every example"
             )
-        strings = tuple("" if t is None else str(t) for t in texts)
-        splits[split] = TextSplit(strings, torch.tensor(ids, dtype=torch.long))
+        ids[split] = torch.tensor(found, dtype=torch.long)
+    return names, ids
+
+
+def text_bundle(cfg: DictConfig, columns: Columns, class_names: Optional[Sequence[str]]) -> DataBundle:
+    """TextSplits of the columns, then val/test carved if missing."""
+    names, ids = label_ids(columns, class_names)
+    splits = {split: TextSplit(tuple("" if t is None else str(t) for t in texts), ids[split])
+              for split, (texts, _, _) in columns.items()}
     return assemble(cfg, names, splits["train"], splits.get("val"), splits.get("test"))
 
 
@@ -168,4 +140,3 @@ def _label_names(columns: Columns) -> list[str]:
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
     return sorted(names)
-

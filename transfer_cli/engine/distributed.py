@@ -14,13 +14,16 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from transfer_cli.errors import TransferCliError
+
+if TYPE_CHECKING:
+    from transfer_cli.engine.metrics import Tally
 
 
 @dataclass(frozen=True)
@@ -117,17 +120,12 @@ def sum_over_processes(values: Mapping[str, Any], device: torch.device) -> dict[
     return dict(zip(names, flat.tolist()))
 
 
-def merge_evaluation(result: Mapping[str, float], device: torch.device) -> dict[str, float]:
-    """The global loss and accuracy from each process's evaluation of its shard (`evaluate`'s dict)."""
-    if place().world_size == 1:
-        return dict(result)
-    n = int(result["n"])
-    sums = sum_over_processes({"loss": result["loss"] * n if n else 0.0,
-                               "correct": round(result["acc1"] * n) if n else 0, "n": n}, device)
-    count = int(sums["n"])
-    if count == 0:
-        return {"loss": float("nan"), "acc1": float("nan"), "n": 0}
-    return {"loss": sums["loss"] / count, "acc1": sums["correct"] / count, "n": count}
+def merge_evaluation(counts: "Tally", device: torch.device) -> "Tally":
+    """The whole split's sums from each process's evaluation of its shard (`evaluate.tally`), in place."""
+    if place().world_size > 1:
+        for tensor in counts.sums():
+            dist.all_reduce(tensor)
+    return counts
 
 
 def shard(loaders: Sequence[Any], train: Any) -> None:

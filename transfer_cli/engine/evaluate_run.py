@@ -38,8 +38,10 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Evaluate the run's selected weights on its test split; write eval.json beside results.json."""
     run, epoch, device = restore_run(cfg, run_dir)
     precision = resolve_precision(str(cfg.trainer.precision), device)
-    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cfg.trainer.max_eval_batches)
-    result = {"test": test, "epoch": epoch}
+    cap = cfg.trainer.get("max_test_batches", cfg.trainer.get("max_eval_batches"))  # the name before trainer.max_test_batches
+    test = evaluate(run.model, run.strategy, run.loaders["test"], device, precision, cap, detailed=True)
+    # as results.json: n of the split's `of` examples were tested
+    result = {"test": {**test, "of": getattr(run.loaders["test"], "num_samples", test["n"])}, "epoch": epoch}
     write_json(RunFolder(run_dir).eval_file, result)
     return result
 
@@ -50,5 +52,5 @@ def export_run(cfg: DictConfig, run_dir: Path, out: Path) -> None:
     run, epoch, _ = restore_run(cfg, run_dir)
     if run.strategy.export_caveat:
         print(f"transfer-cli: note: strategy={cfg.strategy.name}: {run.strategy.export_caveat}", file=sys.stderr)
-    export_body(run.model.cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
+    export_body(run.strategy.export_model(run.model).cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
                                        "source_classes": ",".join(run.data.class_names)})

@@ -6,10 +6,9 @@ added to the loss (`penalty`). The loop never asks which strategy it runs.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -24,10 +23,12 @@ from transfer_cli.backbones.model import TransferModel
 from transfer_cli.engine import distributed
 from transfer_cli.engine.checkpoint import Checkpoints
 from transfer_cli.engine.device import autocast, resolve_device, resolve_precision, to_device
-from transfer_cli.engine.evaluate import evaluate
+from transfer_cli.engine.evaluate import tally
+from transfer_cli.engine.metrics import check_select_by, scalars, selection_key
 from transfer_cli.engine.optim import (build_optimizer, group_learning_rates, load_state_by_name, lr_factor,
                                        set_learning_rates, state_by_name)
 from transfer_cli.engine.seeding import rng_state, set_rng_state
+from transfer_cli.engine.timing import Stopwatch, val_every, validates
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import append_jsonl, read_jsonl, write_jsonl
 from transfer_cli.reporting.trackers import Tracker
@@ -42,20 +43,20 @@ class TrainState:
     epoch: int = 0  # the next epoch to run
     step: int = 0  # optimizer steps taken
     best_epoch: int = -1
-    best_val_acc1: float = -math.inf
-    best_val_loss: float = math.inf
+    best_val: dict[str, float] = field(default_factory=dict)  # the validation metrics of the best epoch
     epochs_since_best: int = 0
     train_time_s: float = 0.0
     train_samples: int = 0
+    stopped: bool = False  # training ended before max_epochs (the strategy or early stopping): a resume tests
 
 
 @dataclass
 class FitResult:
     state: TrainState
     test: dict[str, float]
-    val: dict[str, float]
     device: str
     precision: str
+    test_examples: int  # the test split's size (`test["n"]` were evaluated: fewer under trainer.max_test_batches)
 
 
 class StrategyStep(nn.Module):
@@ -82,10 +83,12 @@ class StrategyStep(nn.Module):
 
 class Trainer:
     def __init__(self, model: TransferModel, strategy: Strategy, train_loader, val_loader, test_loader,
-                 cfg: DictConfig, run_dir: Path, tracker: Optional[Tracker] = None):
+                 cfg: DictConfig, run_dir: Path, tracker: Optional[Tracker] = None, clock: Optional[Stopwatch] = None):
         self.cfg = cfg
         self.tracker = tracker or Tracker()  # TensorBoard / MLflow get each metrics.jsonl record too
+        self.clock = clock or Stopwatch()  # seconds spent in setup, training, validation and test
         self.tcfg = cfg.trainer
+        self.val_every = val_every(self.tcfg.get("val_every", 1))
         self.model = model
         self.strategy = strategy
         self.train_loader, self.val_loader, self.test_loader = train_loader, val_loader, test_loader
@@ -102,6 +105,7 @@ class Trainer:
         self.sched = OmegaConf.to_container(cfg.sched, resolve=True)
         self.grad_clip = self.tcfg.grad_clip
         self.log_every = int(self.tcfg.log_every)
+        self.select_by = check_select_by(str(self.tcfg.select_by))
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
     # ---------------------------------------------------------------------------------------------
@@ -109,19 +113,22 @@ class Trainer:
         self.prepare()
         state, carried_optimizer_state = self._start_or_resume()
         self.tracker.start(self.cfg, finished=read_jsonl(self.metrics_path))
-        val: dict[str, float] = {}
-        for epoch in range(state.epoch, int(self.tcfg.max_epochs)):
+        max_epochs = int(self.tcfg.max_epochs)
+        for epoch in range(state.epoch, state.epoch if state.stopped else max_epochs):
             self.begin_epoch(epoch, carried_optimizer_state)
             started = time.perf_counter()
             train = self._train_epoch(epoch, state)
             train_time = time.perf_counter() - started
-            val = self._evaluate(self.val_loader)
+            self.clock.add("train", train_time)
+            val = self._validate() if validates(epoch, self.val_every, max_epochs) else None
             stop = self.strategy.on_epoch_end(epoch, self.model, val)
+            if stop and val is None:  # the last epoch is always validated
+                val = self._validate()
 
             state.epoch = epoch + 1
             state.train_time_s += train_time
             state.train_samples += train.pop("samples")
-            improved = self._track_best(state, epoch, val)
+            improved = val is not None and self._track_best(state, epoch, val)
             record = {
                 "epoch": epoch,
                 "step": state.step,
@@ -129,24 +136,26 @@ class Trainer:
                 "lr": group_learning_rates(self.optimizer),
                 **{f"train_{k}": v for k, v in train.items()},
                 **self.strategy.epoch_stats(),
-                "val_loss": val["loss"],
-                "val_acc1": val["acc1"],
+                **({f"val_{k}": v for k, v in scalars(val).items()} if val else {}),
                 "best": improved,
                 "epoch_time_s": train_time,
             }
+            patience = self.tcfg.early_stopping_patience
+            state.stopped = bool(stop or (patience is not None and state.epochs_since_best >= int(patience)))
             if self.main:
                 append_jsonl(self.metrics_path, record)
                 self._save_checkpoint(state)  # after the metrics line: a resume drops lines past the checkpoint
                 self.tracker.log_metrics(epoch, record)  # after the checkpoint: a resume replays what it lacks
-            patience = self.tcfg.early_stopping_patience
-            if stop or (patience is not None and state.epochs_since_best >= int(patience)):
+            if state.stopped:
                 break
 
         if state.best_epoch >= 0:
             distributed.barrier()  # rank 0 has written best.pt
             self.checkpoints.load_best_into(self.model)
-        test = self._evaluate(self.test_loader)
-        return FitResult(state, test, val, str(self.device), self.precision)
+        with self.clock.phase("test"):
+            test = self._evaluate(self.test_loader, self.tcfg.max_test_batches, detailed=True)
+        examples = getattr(self.test_loader, "num_samples", test["n"])
+        return FitResult(state, test, str(self.device), self.precision, examples)
 
     def prepare(self) -> None:
         """Everything before the first epoch: device, memory format, the strategy's setup, its loaders."""
@@ -165,7 +174,11 @@ class Trainer:
                     "or write to a new folder (hydra.run.dir=...)"
                 )
             self.strategy.load_state_dict(self._saved["strategy"])  # it shapes setup (a pruned structure)
-        self.strategy.setup(self.model, self.train_loader, self.device)
+        note = self.strategy.plan(self.model, int(self.tcfg.max_epochs))
+        if note and self.main:
+            print(f"transfer-cli: note: {note}", file=sys.stderr)
+        with self.clock.phase("setup"):
+            self.strategy.setup(self.model, self.train_loader, self.device)
         if distributed.place().world_size > 1:  # after the setup, which sees every example in every process
             distributed.shard((self.train_loader, self.val_loader, self.test_loader), self.train_loader)
             self._count_steps()
@@ -210,6 +223,9 @@ class Trainer:
     def _train_epoch(self, epoch: int, state: TrainState) -> dict[str, Any]:
         self.model.train()
         self.train_loader.set_epoch(epoch)
+        solved = self.strategy.fit_epoch(epoch, self.model)  # a strategy with its own solver (L-BFGS probe)
+        if solved is not None:
+            return solved
         losses: list[torch.Tensor] = []
         penalty_sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), dtype=torch.long, device=self.device)
@@ -263,6 +279,7 @@ class Trainer:
         self.scaler.step(optimizer)
         self.scaler.update()
         state.step += 1
+        self.strategy.on_step_end(self.model, batch, optimizer)
         return batch, logits, total, penalties
 
     def _check_finite(self, losses: list[torch.Tensor], epoch: int, step: int) -> None:
@@ -276,16 +293,24 @@ class Trainer:
             f"{kept}; lower optim.lr or set trainer.grad_clip"
         )
 
-    def _evaluate(self, loader) -> dict[str, float]:
-        """Loss and accuracy over the whole split (each process evaluates its shard; the sums are added)."""
-        result = evaluate(self.model, self.strategy, loader, self.device, self.precision, self.tcfg.max_eval_batches)
-        return distributed.merge_evaluation(result, self.device)
+    def _evaluate(self, loader, max_batches: Optional[int], detailed: bool = False) -> dict[str, Any]:
+        """The metrics (engine/metrics.py) over the split, or its first `max_batches` (each process evaluates
+        its shard; the sums are added); `detailed`: also calibration and the confusion matrix."""
+        counts = tally(self.model, self.strategy, loader, self.device, self.precision, max_batches, detailed)
+        return distributed.merge_evaluation(counts, self.device).metrics()
+
+    def _validate(self) -> dict[str, float]:
+        started = time.perf_counter()
+        val = self._evaluate(self.val_loader, self.tcfg.max_val_batches)
+        val["time_s"] = time.perf_counter() - started
+        self.clock.add("val", val["time_s"])
+        return val
 
     def _track_best(self, state: TrainState, epoch: int, val: dict[str, float]) -> bool:
-        """Best epoch = highest validation accuracy, ties broken by lower validation loss."""
-        better = (val["acc1"], -val["loss"]) > (state.best_val_acc1, -state.best_val_loss)
+        """Best epoch = the best validation `trainer.select_by` (default acc1), ties broken by lower loss."""
+        better = selection_key(val, self.select_by) > selection_key(state.best_val, self.select_by)
         if better:
-            state.best_epoch, state.best_val_acc1, state.best_val_loss = epoch, val["acc1"], val["loss"]
+            state.best_epoch, state.best_val = epoch, {k: v for k, v in scalars(val).items() if k != "time_s"}
             state.epochs_since_best = 0
             if self.main:
                 self.checkpoints.save_best(self.model, epoch)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig
 
@@ -16,6 +16,7 @@ from transfer_cli.engine import distributed
 from transfer_cli.engine.loop import Trainer
 from transfer_cli.engine.results import build_results
 from transfer_cli.engine.seeding import seed_everything
+from transfer_cli.engine.timing import Stopwatch, time_section
 from transfer_cli.io import write_json
 from transfer_cli.reporting.trackers import Tracker, open_tracker
 from transfer_cli.run_folder import RunFolder
@@ -31,21 +32,26 @@ class Assembled:
     loaders: dict[str, Any]
 
 
-def assemble(cfg: DictConfig) -> Assembled:
-    """Build everything a run needs, seeded, in an order that keeps model init independent of data code."""
+def assemble(cfg: DictConfig, clock: Optional[Stopwatch] = None) -> Assembled:
+    """Build everything a run needs, seeded, in an order that keeps model init independent of data code;
+    `clock` gets the time spent on the data (`data`) and the model (`model`)."""
+    clock = clock or Stopwatch()
     seed_everything(int(cfg.seed))
-    data = build_data(cfg.data, seed=int(cfg.seed))
+    with clock.phase("data"):
+        data = build_data(cfg.data, seed=int(cfg.seed))
     strategy = build_strategy(cfg)
     seed_everything(int(cfg.seed))
-    model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
+    with clock.phase("model"):
+        model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
     common = dict(seed=int(cfg.seed), num_workers=int(cfg.data.num_workers),
                   augment=bool(cfg.data.augment), max_length=int(cfg.data.get("max_length", 128)),
                   skip_bad_images=bool(cfg.data.get("skip_bad_images", False)))
-    loaders = {
-        "train": make_loader(data.train, model, int(cfg.trainer.batch_size), train=True, **common),
-        "val": make_loader(data.val, model, int(cfg.trainer.eval_batch_size), train=False, **common),
-        "test": make_loader(data.test, model, int(cfg.trainer.eval_batch_size), train=False, **common),
-    }
+    with clock.phase("data"):
+        loaders = {
+            "train": make_loader(data.train, model, int(cfg.trainer.batch_size), train=True, **common),
+            "val": make_loader(data.val, model, int(cfg.trainer.eval_batch_size), train=False, **common),
+            "test": make_loader(data.test, model, int(cfg.trainer.eval_batch_size), train=False, **common),
+        }
     return Assembled(data, model, strategy, loaders)
 
 
@@ -61,14 +67,20 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train, select the best epoch on validation, test it, and write results.json."""
     # data-parallel (torchrun): only rank 0 logs and writes; the others train and evaluate their shares
     tracking = open_tracker(cfg, run_dir) if distributed.is_main() else nullcontext(Tracker())
+    clock = Stopwatch()
     with tracking as tracker:  # first: a logger's missing package fails before any work
-        run = assemble(cfg)
+        run = assemble(cfg, clock)
         trainer = Trainer(run.model, run.strategy, run.loaders["train"], run.loaders["val"], run.loaders["test"],
-                          cfg, run_dir, tracker)
+                          cfg, run_dir, tracker, clock)
         fit = trainer.fit()
-        results = {**build_results(cfg, fit, run.model, run.data.num_classes), **run.strategy.results(),
-                   **distributed.describe(int(cfg.trainer.batch_size)), **skipped_images(run.loaders)}
+        results = {**build_results(cfg, fit, run.model, run.data.class_names), **run.strategy.results(),
+                   **distributed.describe(int(cfg.trainer.batch_size)), **skipped_images(run.loaders),
+                   "time": time_section(clock.seconds, clock.wall())}
         if distributed.is_main():
             write_json(RunFolder(run_dir).results_file, results)
+            if cfg.trainer.confusion_png and results["test"].get("confusion"):
+                from transfer_cli.reporting.confusion import write_confusion_png  # matplotlib: only when drawn
+
+                write_confusion_png(RunFolder(run_dir).confusion_png, results["test"]["confusion"], results["class_names"])
         tracker.log_final(results)
     return results

@@ -16,7 +16,9 @@ STRATEGY_KEY = "strategy.name"
 IGNORED_KEYS = frozenset({"seed", "name", "trainer.resume", "trainer.skip_done", "trainer.device",
                           "trainer.num_threads", "trainer.progress", "trainer.log_every",
                           "trainer.eval_batch_size", "data.num_workers"})
-IGNORED_PREFIXES = ("logger.",)
+# results.json's `weights` (where the body's weights came from) joins a done run's keys as weights.*: a
+# grouping key on request (--by weights.source), not by default (failed runs have no results.json)
+IGNORED_PREFIXES = ("logger.", "weights.")
 # Grouping keys come first in this order (then in config order): table columns and sort order.
 FIRST_KEYS = ("data.name", "backbone.name", SAMPLES_KEY, STRATEGY_KEY)
 

@@ -19,7 +19,7 @@ from matplotlib.ticker import MaxNLocator
 
 from transfer_cli.reporting.grouping import SAMPLES_KEY, STRATEGY_KEY
 from transfer_cli.reporting.runs import Run
-from transfer_cli.reporting.table import Group, build_table, is_accuracy, sort_key
+from transfer_cli.reporting.table import Group, build_table, in_percent, sort_key
 
 CURVE_KEY = "val_acc1"
 ROUTING_PREFIX = "finetuned/"  # metrics.jsonl keys of transfer_cli.strategies.routing.Routing.fractions
@@ -243,11 +243,11 @@ def _name(key: str) -> str:
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if is_accuracy(metric) else 1.0
+    return 100.0 if in_percent(metric) else 1.0
 
 
 def _axis_label(metric: str) -> str:
-    return f"{metric} (%)" if is_accuracy(metric) else metric
+    return f"{metric} (%)" if in_percent(metric) else metric
 
 
 def _colour(index: int, count: int) -> Any:

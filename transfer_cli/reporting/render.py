@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from transfer_cli.analysis.output import markdown_table
 from transfer_cli.reporting.runs import Run
-from transfer_cli.reporting.table import Group, is_accuracy
+from transfer_cli.reporting.table import Group, in_percent
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -23,7 +23,7 @@ COUNT_HEADERS = ["n", "failed", "unfinished", "best epoch", "train time (s)", "t
 
 
 def markdown(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
-    scale, unit, digits, std_digits = ((100.0, " (%)", ".1f", ".1f") if is_accuracy(metric)
+    scale, unit, digits, std_digits = ((100.0, " (%)", ".1f", ".1f") if in_percent(metric)
                                        else (1.0, "", ".4g", ".2g"))
 
     def score(group: Group) -> str:

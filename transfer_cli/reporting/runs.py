@@ -18,6 +18,9 @@ from transfer_cli.errors import TransferCliError
 from transfer_cli.io import DamagedFile
 from transfer_cli.run_folder import RunFolder, find_run_folders, read_config
 
+#: results.json's `weights` section joins a done run's config keys under this prefix
+WEIGHTS_PREFIX = "weights."
+
 
 @dataclass
 class Run:
@@ -62,10 +65,13 @@ def load_run(folder: Path) -> Run:
     except DamagedFile as damaged:
         return Run(folder, {}, damaged=str(damaged))
     try:
-        results = files.read_results()
-        return Run(folder, config, results, files.read_error(), files.read_metrics() if results is not None else [])
+        results, error = files.read_results(), files.read_error()
+        metrics = files.read_metrics() if results is not None else []
     except DamagedFile as damaged:
         return Run(folder, config, damaged=str(damaged))
+    if results is not None and isinstance(results.get("weights"), dict):
+        config.update(flatten(results["weights"], WEIGHTS_PREFIX))
+    return Run(folder, config, results, error, metrics)
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -84,7 +84,12 @@ def sort_key(value: Any) -> tuple:
     return (2, 0, "") if value is None else (1, 0, str(value))
 
 
-def is_accuracy(metric: str) -> bool:
-    """Accuracies (acc1, acc5, ...) are fractions in results.json and shown in %."""
-    return metric.rsplit(".", 1)[-1].startswith("acc")
+#: fractions in results.json besides the accuracies (acc1, acc5, ...), also shown in %
+PERCENT_METRICS = ("mean_class_acc", "macro_f1", "ece")
+
+
+def in_percent(metric: str) -> bool:
+    """Accuracies (acc1, acc5, mean_class_acc), macro-F1 and ECE are fractions in results.json and shown in %."""
+    name = metric.rsplit(".", 1)[-1]
+    return name.startswith("acc") or name in PERCENT_METRICS
 

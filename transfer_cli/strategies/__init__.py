@@ -1,15 +1,17 @@
 """Transfer strategies, grouped by family, registered by their config name (`strategy=<name>`).
 
 Families: baselines (finetune, scratch), schedules/ (what trains when), regularizers/ (terms added to
-the loss, which any strategy can hold), routing/ (per-example frozen or fine-tuned paths), pruning/.
+the loss, which any strategy can hold), routing/ (per-example frozen or fine-tuned paths), pruning/,
+peft/ (parameter-efficient: a few new parameters beside a frozen body).
 """
 from omegaconf import DictConfig
 
 from transfer_cli.errors import TransferCliError
-from transfer_cli.strategies import baselines  # noqa: F401  (registration)
+from transfer_cli.strategies import baselines, peft  # noqa: F401  (registration)
 from transfer_cli.strategies.base import STRATEGIES, Strategy
 from transfer_cli.strategies.pruning import transtailor  # noqa: F401
-from transfer_cli.strategies.regularizers import bss, delta, flat, l2sp  # noqa: F401
+from transfer_cli.strategies.regularizers import (bi_tuning, bss, co_tuning, delta, flat, hybrid_forward,  # noqa: F401
+                                                  l2sp, l2t_ww, lwf, stochnorm)
 from transfer_cli.strategies.regularizers.base import REGULARIZERS, Regularizer
 from transfer_cli.strategies.routing import adafilter, spottune  # noqa: F401
 from transfer_cli.strategies.schedules import chain_thaw, freeze, gradual_unfreeze, sequential_unfreeze  # noqa: F401

@@ -9,7 +9,7 @@ strategy can carry any of them.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -71,16 +71,25 @@ class Strategy:
         for term in self.regularizers:
             term.setup(model, train_loader, device)
 
+    def plan(self, model: TransferModel, max_epochs: int) -> Optional[str]:
+        """Learn the run's epoch budget before `setup` (chain-thaw sizes its stages from it); return one
+        line when the strategy cannot finish within `max_epochs` (the loop prints it), None when it can."""
+        return None
+
     def wrap_loader(self, split: str, loader: Any) -> Any:
         """The loader the loop iterates for `split` (train, val or test), after `setup`; feature caching
-        serves precomputed features through it."""
+        serves precomputed features through it. Subclasses wrap first, then call this: the terms wrap last."""
+        for term in self.regularizers:
+            loader = term.wrap_loader(split, loader)
         return loader
 
     def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
         """One optimizer group per trainable layer group; frozen groups are absent.
 
-        The head gets `lr * head_lr_mult`; with `layer_decay` = d, each body group's rate is the
-        rate of the group above it divided by d (ULMFiT's discriminative fine-tuning).
+        Discriminative fine-tuning (ULMFiT, eq. 2: η_{l-1} = η_l / 2.6): with `layer_decay` = d the
+        group directly below the head trains at lr / d, the next one down at lr / d², and so on. The
+        head trains at lr * head_lr_mult; the multiplier is for the new layer alone (ULMFiT has none,
+        head_lr_mult = 1), so the body's rates decay from lr, not from the head's rate.
         """
         names = model.group_names()
         body = names[:-1]
@@ -92,25 +101,38 @@ class Strategy:
             if name == HEAD:
                 group_lr = lr * self.head_lr_mult
             else:
-                depth_below_head = len(body) - body.index(name) - 1
+                depth_below_head = len(body) - body.index(name)  # 1 for the group directly below the head
                 group_lr = lr / (self.layer_decay**depth_below_head)
             groups.append({"name": name, "params": params, "lr": group_lr})
         if any(term.replaces_weight_decay for term in self.regularizers):
             groups = [{**g, "weight_decay": 0.0} for g in groups]
-        return groups
+        return groups + [g for term in self.regularizers for g in term.param_groups(model, lr)]
 
     def on_epoch_start(self, epoch: int, model: TransferModel) -> bool:
         """Change what trains at this epoch; return True when the optimizer must be rebuilt."""
         return False
 
-    def on_epoch_end(self, epoch: int, model: TransferModel, val: Mapping[str, float]) -> bool:
-        """See the epoch's validation metrics (early-stopped stages); return True to end training."""
+    def fit_epoch(self, epoch: int, model: TransferModel) -> Optional[dict[str, Any]]:
+        """Train epoch `epoch` with the strategy's own solver instead of the loop's gradient steps (the
+        L-BFGS linear probe); return what the loop's epoch returns (train loss, acc1, samples,
+        samples_per_s). None, the default: the loop trains."""
+        return None
+
+    def on_epoch_end(self, epoch: int, model: TransferModel, val: Optional[Mapping[str, float]]) -> bool:
+        """See the epoch's validation metrics (early-stopped stages; None: an epoch that
+        `trainer.val_every` did not validate); return True to end training."""
         return False
 
     def epoch_stats(self) -> dict[str, float]:
         """Numbers about the epoch just trained (e.g. how often each block was routed to its fine-tuned
         copy), merged into its metrics.jsonl line; called once per epoch, after training."""
-        return {}
+        return {k: v for term in self.regularizers for k, v in term.epoch_stats().items()}
+
+    def on_step_end(self, model: TransferModel, batch: Batch, optimizer: torch.optim.Optimizer) -> None:
+        """After each optimizer step, on the batch it used: work that needs the updated weights (L2T-ww's
+        look-ahead steps and meta-update); the terms' by default."""
+        for term in self.regularizers:
+            term.on_step_end(model, batch, optimizer)
 
     def forward(self, model: TransferModel, batch: Batch) -> torch.Tensor:
         return model(batch)
@@ -133,6 +155,11 @@ class Strategy:
     def results(self) -> dict[str, Any]:
         """Sections this strategy adds to results.json (TransTailor: `pruning`); none by default."""
         return {}
+
+    def export_model(self, model: TransferModel) -> TransferModel:
+        """The model whose body `transfer-cli export` writes: `model` itself, or a plain copy with what the
+        strategy added folded into the body's own layers (LoRA merged); `export_caveat` says what is lost."""
+        return model
 
     def state_dict(self) -> dict[str, Any]:
         return {"regularizers": {term.name: term.state_dict() for term in self.regularizers}}

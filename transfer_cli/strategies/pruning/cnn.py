@@ -9,15 +9,17 @@ it flows, so removing it changes no output: pruning is exact, and a mask predict
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from transfer_cli.backbones.model import TransferModel
 from transfer_cli.errors import TransferCliError
+
+if TYPE_CHECKING:  # imported where a graph is built: torch-pruning takes seconds to import, most runs never prune
+    import torch_pruning as tp
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -54,6 +56,8 @@ def _forward(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def dependency_graph(model: TransferModel) -> tp.DependencyGraph:
     """torch-pruning's channel dependency graph of `model`, traced in eval mode (no BatchNorm update).
     It traces autograd's graph: an input that requires grad puts every layer in it, frozen or not."""
+    import torch_pruning as tp
+
     example = example_input(model).requires_grad_(True)
     was_training = model.training
     model.eval()

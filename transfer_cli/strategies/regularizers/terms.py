@@ -49,9 +49,10 @@ def spectral_shrinkage(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def channel_dim(feature_map: torch.Tensor) -> int:
-    """Where the channels are: dim 1 of a conv map (B, C, H, W); the last dim of a token map (B, T, D)."""
-    if feature_map.dim() not in (3, 4):
-        raise ValueError(f"feature maps must be (B, C, H, W) or (B, T, D); got shape {tuple(feature_map.shape)}")
+    """Where the channels are: dim 1 of a conv map (B, C, H, W) or of pooled features (B, C), a 1x1 map
+    (a group that ends after the pooling, as ConvNeXt's final norm); the last dim of a token map (B, T, D)."""
+    if feature_map.dim() not in (2, 3, 4):
+        raise ValueError(f"feature maps must be (B, C, H, W), (B, T, D) or (B, C); got shape {tuple(feature_map.shape)}")
     return 2 if feature_map.dim() == 3 else 1
 
 
@@ -61,7 +62,7 @@ def channel_count(feature_map: torch.Tensor) -> int:
 
 def channels_first(feature_map: torch.Tensor) -> torch.Tensor:
     """The map as (batch, channels, positions), whatever its layout."""
-    return feature_map.movedim(channel_dim(feature_map), 1).flatten(2)
+    return feature_map.movedim(channel_dim(feature_map), 1).reshape(len(feature_map), channel_count(feature_map), -1)
 
 
 def attended_feature_distance(current: Iterable[torch.Tensor], reference: Iterable[torch.Tensor],

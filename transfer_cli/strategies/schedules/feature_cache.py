@@ -108,6 +108,10 @@ class FeatureCache:
             self.cut = cut
         return entry
 
+    def refusal(self, cut: Cut) -> str:
+        """Why `cut` is not cached (after a lookup that returned None)."""
+        return self._refused.get(cut, "the split is empty")
+
     def _build(self, split: str, loader: Any, cut: Cut, key: tuple) -> Optional[_Entry]:
         # the decision is taken on the training split, in training mode: val and test wait for it
         accepted = cut in self._accepted

@@ -19,6 +19,12 @@ class GradualUnfreeze(LayerSchedule):
         super().__init__(cfg, optim, regularizers)
         self.unfreeze_every = positive_int(cfg, "unfreeze_every")
 
-    def trainable_at(self, epoch: int, model: TransferModel) -> list[str]:
+    def stages(self, model: TransferModel) -> list[list[str]]:
         names = model.group_names()
-        return names[max(len(names) - 1 - epoch // self.unfreeze_every, 0):]
+        return [names[len(names) - 1 - i:] for i in range(len(names))]
+
+    def stage_at(self, epoch: int, count: int) -> int:
+        return min(epoch // self.unfreeze_every, count - 1)
+
+    def remedy(self, needed: int) -> str:
+        return f"set trainer.max_epochs={needed} or a smaller strategy.unfreeze_every"

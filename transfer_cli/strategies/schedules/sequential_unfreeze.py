@@ -24,10 +24,12 @@ class SequentialUnfreeze(LayerSchedule):
         self.n = positive_int(cfg, "n", minimum=0)
         self.k = positive_int(cfg, "k", minimum=0)
 
-    def trainable_at(self, epoch: int, model: TransferModel) -> list[str]:
+    def stages(self, model: TransferModel) -> list[list[str]]:
         names = model.group_names()
-        if epoch < self.n:
-            return [HEAD]
-        if epoch < self.n + self.k:
-            return names[1:]
-        return names
+        return [[HEAD], names[1:], names]
+
+    def stage_at(self, epoch: int, count: int) -> int:
+        return 0 if epoch < self.n else 1 if epoch < self.n + self.k else 2
+
+    def remedy(self, needed: int) -> str:
+        return f"set trainer.max_epochs={needed} or smaller strategy.n / strategy.k"
