@@ -123,9 +123,12 @@ def test_mid_epoch_checkpoints_every_n_steps_resume_exactly_after_a_crash(whole,
         main(["train", *RUN, f"hydra.run.dir={run_dir}", "trainer.checkpoint_every=2"])
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert saved["train_state"]["step"] == 4 and saved["mid_epoch"]["tally"]["batches"] == 4
+    cut_short = run_dir / "checkpoints" / ".last.pt.x1y2.tmp"  # what a kill inside a write leaves
+    cut_short.write_bytes(b"half a checkpoint")
     monkeypatch.undo()
     main(["train", *RUN, f"hydra.run.dir={run_dir}", "trainer.resume=true"])
     same_numbers(run_dir, whole)
+    assert not cut_short.exists()
 
 
 def wait_for_line(process: subprocess.Popen, text: str) -> None:
