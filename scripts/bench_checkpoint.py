@@ -44,10 +44,12 @@ def main() -> None:
     without_s, steps = train_seconds(overrides, "null")
     every_step_s, _ = train_seconds(overrides, "1")
     at_setting_s, _ = train_seconds(overrides, args.every)
+    per_epoch = steps // args.epochs  # the last step of an epoch writes the epoch's checkpoint, not a mid-epoch one
     step_s = without_s / steps
-    write_s = max(every_step_s - without_s, 0.0) / steps
+    write_s = max(every_step_s - without_s, 0.0) / max((per_epoch - 1) * args.epochs, 1)
     every_steps, every_seconds = parse_every(args.every)
-    writes = steps // every_steps if every_steps else int(without_s // every_seconds) if every_seconds else 0
+    writes = ((per_epoch - 1) // every_steps * args.epochs if every_steps
+              else int(without_s // every_seconds) if every_seconds else 0)
     print(f"config: {' '.join(overrides)}")
     print(f"{steps} steps: {step_s * 1000:.2f} ms a step without mid-epoch checkpoints; one last.pt write "
           f"{write_s * 1000:.2f} ms (from a checkpoint after every step: {every_step_s:.2f} s vs {without_s:.2f} s)")
