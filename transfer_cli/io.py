@@ -161,7 +161,7 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        cut = "cut short" if err.pos >= len(text.rstrip()) else "not valid JSON"
+        cut = "not valid JSON" if text.rstrip().endswith(("}", "]")) else "cut short"  # write_json ends its files so
         raise DamagedFile(path, f"{cut}: {err.msg} at line {err.lineno} column {err.colno}") from None
 
 

@@ -30,6 +30,9 @@ class Checkpoints:
         save_torch(self.last, {"format": FORMAT_VERSION, **state})
 
     def load_last(self) -> Optional[dict[str, Any]]:
+        """last.pt, read when a run starts in its folder; the temporaries of writes a kill cut short go."""
+        for cut_short in self.dir.glob(".*.pt.*.tmp"):  # the folder is held (run_lock): no write is under way
+            cut_short.unlink(missing_ok=True)
         if not self.last.exists():
             return None
         try:

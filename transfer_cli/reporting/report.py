@@ -48,19 +48,20 @@ def report(argv: Sequence[str]) -> Path:
     """Run `transfer-cli report`: print the table, write report.md/.csv and the plots; return the output folder."""
     args = build_parser().parse_args(list(argv))
     runs = find_runs(args.folders)
+    tabled = [r for r in runs if r.config]  # a run whose config is damaged cannot be placed in a group
     if args.by is None:
-        keys, follow = default_keys(runs)
+        keys, follow = default_keys(tabled)
     else:
-        check_keys(args.by, runs)
+        check_keys(args.by, tabled)
         keys, follow = args.by, []
-    table = build_table(runs, keys, args.metric)
+    table = build_table(tabled, keys, args.metric)
     if not any(g.n for g in table):
         raise TransferCliError(f"none of the {len(runs)} run(s) under {', '.join(map(str, args.folders))} has "
                                "finished (no results.json); see their failed.json files")
     notes = [f"{sum(g.n for g in table)} finished run(s) of {len(runs)}; {args.metric} mean ± sample std over seeds."]
     if follow:
         notes.append(f"Also varying, fixed by the grouping keys: {', '.join(follow)}.")
-    pooled = [k for k in varying_keys(runs) if k not in keys and k not in follow]
+    pooled = [k for k in varying_keys(tabled) if k not in keys and k not in follow]
     if pooled:
         notes.append(f"Pooled within each row (varying, not grouped on): {', '.join(pooled)}.")
     text = markdown(table, keys, args.metric) + "\n\n" + "\n".join(notes)
