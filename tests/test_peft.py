@@ -254,8 +254,10 @@ def test_new_parameters_sit_in_the_layer_group_of_the_module_they_adapt(tiny_ber
         strategy.setup(model, None, torch.device("cpu"))
         assert name in model.group("layer.1").parameter_names
         groups = {g["name"]: g for g in strategy.param_groups(model, 1.0)}
-        # layer decay as ULMFiT: the group below the head at lr/2, one more step per group down
-        assert groups["layer.1"]["lr"] == 0.5 and groups["layer.0"]["lr"] == 0.25
+        # every rate at strategy.lr_mult (10) x the run's, the head's too; then layer decay as ULMFiT: the
+        # group below the head at lr/2, one more step per group down
+        assert strategy.cfg.lr_mult == 10 and groups["head"]["lr"] == 10 * strategy.head_lr_mult
+        assert groups["layer.1"]["lr"] == 5.0 and groups["layer.0"]["lr"] == 2.5
         params = dict(model.named_parameters())
         assert any(p is params[name] for p in groups["layer.1"]["params"])
     model, _ = backbone("bert", tiny_bert)

@@ -38,6 +38,12 @@ class PeftStrategy(Strategy):
             model.peft_method = self.cfg.name
         super().setup(model, train_loader, device)
 
+    def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
+        """The base groups at `strategy.lr_mult` times the run's rate, the head's included: the PEFT papers train
+        their few parameters at 10-50x the rate full fine-tuning of the same model uses (see the configs),
+        and `optim.lr` is set for fine-tuning; at that rate they underfit in a short run."""
+        return super().param_groups(model, lr * float(self.cfg.lr_mult))
+
     def method_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trained parameters that are not the head's: what this method adds to the pretrained body."""
         head = set(self.model.group(HEAD).parameter_names)
