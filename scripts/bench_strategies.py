@@ -240,13 +240,18 @@ def registered_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
+def refused(r: dict) -> bool:
+    """The strategy turned this backbone down in its one-line error (VPT on a CNN): not a failed target."""
+    return r.get("error", "").startswith("transfer_cli.errors.TransferCliError")
+
+
 def table(results: dict[str, dict]) -> list[str]:
     base = results.get(BASELINE, {})
     lines = ["| strategy | ms/step | × finetune | peak memory (MiB) | optimizer state (MiB) | × finetune | trainable % "
              "| setup s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| `{name}` | {'refused' if refused(r) else 'failed'}: {r['error'][:120]} | | | | | | |")
             continue
         lines.append(f"| `{name}` | {r['ms']:.1f} | {ratio(r['ms'], base.get('ms'))} | {r['peak_mib']:.0f} "
                      f"| {r['optimizer_mib']:.2f} | {ratio(r['optimizer_mib'], base.get('optimizer_mib'))} "
@@ -277,6 +282,8 @@ def target_lines(results: dict[str, dict], registered: list[str]) -> list[str]:
         target = f"`{name}` ≤ {limit:g} {label}"
         if r is None:
             lines.append(f"| {target} | {'not in --strategies' if name in registered else 'not registered'} | – |")
+        elif refused(r):
+            lines.append(f"| {target} | refused on this backbone | – |")
         elif "error" in r or "error" in base or not base:
             lines.append(f"| {target} | not measured | FAIL |")
         else:
