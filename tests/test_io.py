@@ -45,5 +45,5 @@ def test_a_torn_first_line_and_garbage_bytes(tmp_path):
 def test_a_damaged_line_before_the_last_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 0}\n{"epo\n{"epoch": 2}\n')
-    with pytest.raises(TransferCliError, match=r"metrics.jsonl line 2 is not valid JSON"):
+    with pytest.raises(TransferCliError, match=r"metrics.jsonl is damaged \(line 2 is not valid JSON"):
         read_jsonl(path)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from transfer_cli.config_files import config_options, config_summary
+from transfer_cli.config_files import CONFIG_DIR, config_options, config_summary
 from transfer_cli.errors import TransferCliError, fail
 from transfer_cli.run_folder import RunFolder, run_config
 from transfer_cli.train_app import train_command
@@ -20,7 +20,7 @@ commands:
   eval run=RUN_DIR               re-evaluate a finished run's best checkpoint on its test split
   predict run=RUN_DIR input=PATH [out=FILE.csv] [topk=5] [column=TEXT_COLUMN]
                                  classify an image, a folder of images or a CSV/JSONL of texts
-  list strategies|backbones|datasets
+  list strategies|regularizers|backbones|datasets
                                  what exists, one line each
   export run=RUN_DIR out=FILE [format=native]
                                  save a run's trained body as a pretrained backbone (.safetensors), or
@@ -33,7 +33,7 @@ commands:
 
 add --verbose (or HYDRA_FULL_ERROR=1) to see tracebacks"""
 
-GROUP_OF_LIST = {"strategies": "strategy", "backbones": "backbone", "datasets": "data"}
+GROUP_OF_LIST = {"strategies": "strategy", "regularizers": "regularizers", "backbones": "backbone", "datasets": "data"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -62,12 +62,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 # ---- list ------------------------------------------------------------------------------------
 def list_command(args: list[str]) -> None:
     if len(args) != 1 or args[0] not in GROUP_OF_LIST:
-        raise TransferCliError("usage: transfer-cli list strategies|backbones|datasets")
+        raise TransferCliError("usage: transfer-cli list strategies|regularizers|backbones|datasets")
     group = GROUP_OF_LIST[args[0]]
     names = config_options(group)
     width = max(len(n) for n in names)
     for name in names:
-        print(f"{name:<{width}}  {config_summary(group, name)}")
+        print(f"{name:<{width}}  {describe(group, name)}")
+
+
+def describe(group: str, name: str) -> str:
+    """A strategy or regularizer term is described by its class's docstring (the code it names); a backbone
+    or dataset config is a preset of a builder, described by the config file's first comment line."""
+    if group not in ("strategy", "regularizers"):
+        return config_summary(group, name)
+    from transfer_cli.strategies import REGULARIZERS, STRATEGIES
+
+    if group == "regularizers":
+        return REGULARIZERS.summary(name)
+    from omegaconf import OmegaConf
+
+    return STRATEGIES.summary(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml").name)
 
 
 # ---- eval and export -------------------------------------------------------------------------

@@ -116,9 +116,53 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, f)
 
 
+class DamagedFile(TransferCliError):
+    """A file that exists but cannot be read back: cut short, overwritten with something else, edited.
+
+    Its message names the file and the cause; a caller that knows what the file is for adds what to
+    do about it (`advise`).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, what_to_do: str = ""):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path} is damaged ({reason})" + (f"; {what_to_do}" if what_to_do else ""))
+
+    def advise(self, what_to_do: str) -> "DamagedFile":
+        """The same fault, with what to do about it; raise it `from None` (the cause is in the line)."""
+        return DamagedFile(self.path, self.reason, what_to_do)
+
+
 def load_torch(path: str | os.PathLike) -> Any:
-    """Load a checkpoint written by `save_torch`; weights_only so a file cannot run code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint written by `save_torch`; weights_only so a file cannot run code. A file that
+    cannot be loaded is a DamagedFile saying why: cut short, not a torch file, or pickled objects
+    that weights-only loading refuses because loading them could run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise DamagedFile(path, _why_unloadable(err)) from None
+
+
+def _why_unloadable(err: Exception) -> str:
+    text = str(err)
+    refused = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+    if "Weights only load failed" in text:
+        detail = f": {refused}" if refused else ""
+        return (f"it holds pickled Python objects that weights-only loading refuses, since loading them could run "
+                f"code{detail}; save a plain state dict of tensors or a .safetensors file")
+    first = (text.strip().splitlines() or [type(err).__name__])[0]
+    return f"cut short, or not a torch file: {first}"
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file written by `write_json`; one that does not parse is a DamagedFile (cut short or edited)."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        cut = "not valid JSON" if text.rstrip().endswith(("}", "]")) else "cut short"  # write_json ends its files so
+        raise DamagedFile(path, f"{cut}: {err.msg} at line {err.lineno} column {err.colno}") from None
 
 
 def _json_line(record: dict) -> str:
@@ -184,8 +228,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise TransferCliError(
-                f"{path} line {number} is not valid JSON ({err.msg}); the file is damaged: delete that line, "
-                "or start the run over in a new folder"
-            ) from None
+            raise DamagedFile(path, f"line {number} is not valid JSON: {err.msg}").advise(
+                "delete that line, or start the run over in a new folder") from None
     return records

@@ -12,6 +12,7 @@ from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from transfer_cli.config_checks import check_values
 from transfer_cli.config_files import CONFIG_DIR, config_options
 from transfer_cli.errors import TransferCliError
 
@@ -46,7 +47,8 @@ def compose_config(overrides: Sequence[str]) -> DictConfig:
 
 
 def check_overrides(overrides: Sequence[str]) -> None:
-    """Compose every value of every sweep once, so `-m a=x,y` fails before any job starts."""
+    """Compose every value of every sweep once, checking its types and values (config_checks), so
+    `-m a=x,y` fails before any job starts."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as err:
@@ -56,11 +58,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     firsts = {o.input_line: f"{o.get_key_element()}={_sweep_values(o)[0]}" for o in sweeps}
-    check_value_types(compose_config(base + list(firsts.values())), compose_config([]))
+    first = compose_config(base + list(firsts.values()))
+    check_value_types(first, compose_config([]))
+    check_values(first)
     for sweep in sweeps:
         others = [v for k, v in firsts.items() if k != sweep.input_line]
         for value in _sweep_values(sweep)[1:]:
-            compose_config(base + others + [f"{sweep.get_key_element()}={value}"])
+            check_values(compose_config(base + others + [f"{sweep.get_key_element()}={value}"]))
 
 
 def _sweep_values(sweep: Override) -> list[str]:

@@ -10,7 +10,9 @@ import math
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -18,7 +20,9 @@ from omegaconf import DictConfig
 
 from transfer_cli.config_files import CONFIG_DIR
 from transfer_cli.errors import TransferCliError, fail
+from transfer_cli.io import atomic_path
 from transfer_cli.overrides import check_overrides, overrides_only
+from transfer_cli.run_folder import HYDRA
 
 
 def train_command(args: list[str]) -> None:
@@ -32,7 +36,8 @@ def train_command(args: list[str]) -> None:
     sys.argv = [sys.argv[0], *args]
     LAST_SWEEP_FAILURES.clear()
     try:
-        _train_app()
+        with _kept_run_config(args):
+            _train_app()
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -40,6 +45,27 @@ def train_command(args: list[str]) -> None:
         raise TransferCliError(f"{len(LAST_SWEEP_FAILURES)} job(s) of the sweep failed, the others finished; "
                                f"see {LAST_SWEEP_FAILURES[0]}" + (" and the other failed.json files"
                                                                  if len(LAST_SWEEP_FAILURES) > 1 else ""))
+
+
+@contextmanager
+def _kept_run_config(args: list[str]) -> Iterator[None]:
+    """A command refused in a folder that holds a run (exit 2: a bad input, the folder in use) leaves that
+    run's .hydra/ files as they were. Hydra writes the command's config there before any check can run,
+    and `eval`, `export`, `report` and a resume read the run's config from there."""
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    hydra_dir = Path(run_dir).expanduser() / HYDRA if run_dir else None
+    if hydra_dir is None or not hydra_dir.is_dir() or any(a in ("-m", "--multirun") for a in args):
+        yield
+        return
+    saved = {path: path.read_bytes() for path in hydra_dir.glob("*.yaml")}
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code == 2:
+            for path, content in saved.items():
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(content)
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -174,6 +174,14 @@ def _load(source: str, trust_remote_code: bool, local_only: bool, pretrained: bo
             f"cannot load Hugging Face model {source!r} ({first_line(e)}); "
             "offline, point backbone.weights=<folder with config.json, weights and tokenizer files>"
         ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise TransferCliError(
+            f"the Hugging Face model {source!r} needs its own Python code to load (its config.json has an auto_map), "
+            "and transfer-cli runs none unless backbone.trust_remote_code=true: set it only for code you have read "
+            "and trust"
+        ) from None
     missing = sorted(info["missing_keys"])
     if missing:
         raise TransferCliError(

@@ -28,7 +28,7 @@ from transfer_cli.backbones.hub import cache_only_when_unreachable
 from transfer_cli.backbones.model import HEAD, Batch, TransferModel, group_members
 from transfer_cli.backbones.state_mapping import fit_state_dict
 from transfer_cli.errors import TransferCliError
-from transfer_cli.io import load_torch
+from transfer_cli.io import DamagedFile, load_torch
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 #: Sorts after every block like MATCH_PREV_GROUP but starts a group of its own.
@@ -132,6 +132,11 @@ def _weights_path(weights: Optional[str]) -> Optional[Path]:
     if not weights:
         return None
     path = Path(str(weights)).expanduser()
+    if path.is_dir():
+        raise TransferCliError(
+            f"backbone.weights={path} is a folder; a timm backbone takes one weights file "
+            f"({', '.join(WEIGHT_SUFFIXES)}); a Hugging Face model folder goes with backbone=hf"
+        )
     if not path.is_file():
         raise TransferCliError(f"backbone.weights file not found: {path}; give the path of a .safetensors or .pth file")
     if path.suffix not in WEIGHT_SUFFIXES:
@@ -158,7 +163,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return safetensors.torch.load_file(str(path))
         state = load_torch(path)
-    except Exception as e:  # corrupt file or pickled code that weights_only refuses: both the user's to fix
+    except DamagedFile as e:  # cut short, or pickled objects that weights-only loading refuses
+        raise TransferCliError(f"cannot read backbone.weights={path}: {e.reason}") from None
+    except Exception as e:  # a corrupt safetensors file
         raise TransferCliError(f"cannot read backbone.weights={path}: {first_line(e)}") from None
     if isinstance(state, Mapping):
         state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), Mapping)), state)

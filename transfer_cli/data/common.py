@@ -30,11 +30,12 @@ def assemble(
     experiment validates and tests on the same examples.
     """
     generator = torch.Generator().manual_seed(int(cfg.split_seed))
+    carved = tuple(split for split, given in (("test", test), ("val", val)) if given is None)
     if test is None:
         train, test = _carve(train, cfg.test_fraction, "test_fraction", generator)
     if val is None:
         train, val = _carve(train, cfg.val_fraction, "val_fraction", generator)
-    return DataBundle(train=train, val=val, test=test, class_names=tuple(class_names))
+    return DataBundle(train=train, val=val, test=test, class_names=tuple(class_names), carved=carved)
 
 
 def _carve(split: Split, fraction: float, key: str, generator: torch.Generator) -> tuple[Split, Split]:

@@ -1,20 +1,21 @@
 """Images decoded one by one (files, or encoded images in a `datasets` table) by a torch DataLoader
-with timm's transforms; an unreadable image becomes one clear error, and each example's augmentation
-is seeded from (seed, epoch, example index).
+with timm's transforms; an unreadable image becomes one clear error (or, with data.skip_bad_images, is
+left out of its batch and counted), and each example's augmentation is seeded from (seed, epoch,
+example index).
 """
 from __future__ import annotations
 
 import random
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterator, Optional
 
 import torch
-from PIL import Image
-
 from transfer_cli.data.common import first_line
 from transfer_cli.data.epoch_order import Batch, BatchLoader, EpochOrder, batch_sizes
+from transfer_cli.data.image_decode import DECODE_ERRORS, upright
 from transfer_cli.data.splits import EncodedImages
 from transfer_cli.errors import TransferCliError
 
@@ -32,9 +33,12 @@ class FileLoader(BatchLoader):
         augment: bool,
         seed: int,
         num_workers: int,
+        skip_bad_images: bool = False,
     ):
         super().__init__(len(split), batch_size, shuffle=shuffle, seed=seed)
         self.augment = augment
+        self.skip_bad_images = skip_bad_images
+        self.skipped: dict[str, str] = {}  # image -> why it could not be read (data.skip_bad_images)
         files = ImageFiles(split, image_transform(prep, augment), image_mode(prep))
         batches = _PlanBatches(_PlanSampler(self.order, augment), batch_size)
         # Worker processes shut down promptly only when their DataLoader is freed by reference
@@ -46,7 +50,7 @@ class FileLoader(BatchLoader):
             batch_sampler=batches,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
-            collate_fn=_collate,
+            collate_fn=_collate_skipping if skip_bad_images else _collate,
         )
         self.loader = self._new_dataloader()
 
@@ -54,13 +58,24 @@ class FileLoader(BatchLoader):
         for batch in self.loader:
             if isinstance(batch, Unreadable):
                 break
-            yield batch
+            for bad in batch.pop("skipped", ()):
+                self._skip(bad)
+            if len(batch["labels"]):
+                yield batch
         else:
             return
         self.loader = self._new_dataloader()  # frees the old workers now, not when the error is collected
         raise TransferCliError(
-            f"cannot read image {batch.name} ({batch.reason}); fix or remove the file"
+            f"cannot read image {batch.path} ({batch.reason}); fix or remove the file, "
+            "or set data.skip_bad_images=true to leave unreadable files out"
         )
+
+    def _skip(self, bad: "Unreadable") -> None:
+        """Say once per file that it is left out; `skipped` counts them for results.json."""
+        if bad.path not in self.skipped:
+            self.skipped[bad.path] = bad.reason
+            print(f"transfer-cli: skipped unreadable image {bad.path} ({bad.reason}) (data.skip_bad_images=true)",
+                  file=sys.stderr)
 
 
 class _PlanSampler(torch.utils.data.Sampler):
@@ -103,13 +118,13 @@ class _PlanBatches(torch.utils.data.Sampler):
 
 @dataclass(frozen=True)
 class Unreadable:
-    """Stands in for an input that cannot be read (a sample or batch whose image failed to decode).
+    """Stands in for a sample or batch whose image failed to decode.
 
     It travels back from worker processes as data, so the main process raises one clean
     TransferCliError instead of a worker traceback.
     """
 
-    name: str
+    path: str
     reason: str
 
 
@@ -137,8 +152,8 @@ def decode(split: EncodedImages, index: int, mode: str) -> Any:
     """Example `index` as a PIL image in `mode`, or `Unreadable` when it cannot be decoded."""
     try:
         with split.open(index) as image:
-            return image.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return upright(image, mode)
+    except DECODE_ERRORS as e:
         return Unreadable(split.describe(index), first_line(e))
 
 
@@ -189,3 +204,11 @@ def _collate(items: list) -> Any:
         return bad
     images, labels = zip(*items)
     return {"pixel_values": torch.stack(images), "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def _collate_skipping(items: list) -> Any:
+    """The batch without its unreadable files, which travel along under "skipped" (possibly all of them)."""
+    good = [item for item in items if not isinstance(item, Unreadable)]
+    batch = _collate(good) if good else {"labels": torch.zeros(0, dtype=torch.long)}
+    batch["skipped"] = [item for item in items if isinstance(item, Unreadable)]
+    return batch

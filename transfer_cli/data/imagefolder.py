@@ -1,8 +1,9 @@
 """Images on disk, one sub-folder per class (the torchvision ImageFolder layout)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -40,7 +41,7 @@ def _class_folders(folder: Path) -> list[str]:
 
 def image_files(folder: Path) -> list[Path]:
     """Every image file under `folder`, searched recursively, sorted: a reproducible order."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in image_extensions() and p.is_file())
+    return sorted(p for p in files_below(folder) if p.suffix.lower() in image_extensions())
 
 
 def image_extensions() -> tuple[str, ...]:
@@ -72,3 +73,25 @@ def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
         paths += images
         labels += [label] * len(images)
     return ImageFileSplit(tuple(paths), torch.tensor(labels, dtype=torch.long))
+
+
+def files_below(folder: Path) -> Iterator[Path]:
+    """Every file under `folder`, following linked folders (datasets are often assembled from links); a
+    link back to a folder it sits in would repeat the tree forever, and is one error naming it."""
+    yield from _walk(folder, (os.path.realpath(folder),))
+
+
+def _walk(folder: Path, ancestors: tuple[str, ...]) -> Iterator[Path]:
+    with os.scandir(folder) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():  # follows a link
+            real = os.path.realpath(path)
+            if real in ancestors:
+                raise TransferCliError(
+                    f"{path} links back to {real}, a folder it is in (a symlink loop); remove the link"
+                )
+            yield from _walk(path, (*ancestors, real))
+        elif entry.is_file():
+            yield path

@@ -29,6 +29,7 @@ def make_loader(
     num_workers: int = 0,
     augment: bool = False,
     max_length: int = 128,
+    skip_bad_images: bool = False,
 ) -> BatchLoader:
     """The loader for one split, preprocessed for `model` (anything with .modality and .preprocessing).
 
@@ -36,7 +37,9 @@ def make_loader(
     images: image files with timm's full training transform, in-memory image arrays with its random
     resized crop and horizontal flip done on whole batches. Evaluation loaders are never augmented;
     text has no augmentation, so `augment` with a text split is an error rather than a silent no-op.
-    `num_workers` only matters for images decoded one by one (files, `datasets` tables).
+    `num_workers` and `skip_bad_images` (leave unreadable images out of their batches, counted in the
+    loader's `skipped`, instead of stopping with an error) only matter for images decoded one by one
+    (files, `datasets` tables).
     """
     expected = "text" if isinstance(split, TextSplit) else "image"
     if model.modality != expected:
@@ -51,7 +54,7 @@ def make_loader(
     prep = model.preprocessing
     if isinstance(split, (ImageFileSplit, EncodedImageSplit)):
         return FileLoader(split, prep, batch_size, shuffle=train, augment=train and augment, seed=seed,
-                          num_workers=num_workers)
+                          num_workers=num_workers, skip_bad_images=skip_bad_images)
     if isinstance(split, ImageArraySplit):
         images = ImageArrayBatches(split, prep, augment=train and augment)
         draw = images.augmentation.draws if images.augmentation else None

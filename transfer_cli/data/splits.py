@@ -102,6 +102,8 @@ class DataBundle:
     val: Split
     test: Split
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    #: the splits carved out of train (data.val_fraction, data.test_fraction) rather than given
+    carved: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:

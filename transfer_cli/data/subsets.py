@@ -52,7 +52,8 @@ def select_classes(bundle: DataBundle, classes: Sequence[Union[str, int]]) -> Da
         kept = split.select(torch.nonzero(mapped >= 0).flatten())
         return replace(kept, labels=mapped[mapped >= 0])
 
-    return DataBundle(
+    return replace(
+        bundle,
         train=relabel(bundle.train),
         val=relabel(bundle.val),
         test=relabel(bundle.test),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -36,36 +37,71 @@ def csv_text(cfg: DictConfig) -> DataBundle:
 def read_rows(path: Path, key: str, skipped: Optional[list[tuple[int, str]]] = None) -> list[dict[str, Any]]:
     """The rows of a CSV (.tsv: tab-separated) or JSON-lines (.jsonl, .json) file, as dicts.
 
-    A JSON line that does not parse is an error, or, given a `skipped` list, recorded there as
+    A JSON line that is not an object is an error, or, given a `skipped` list, recorded there as
     (line number, reason) and left out (`transfer-cli predict` predicts the rest)."""
     if not path.is_file():
         raise TransferCliError(f"text file {path} does not exist; set data.{key}=<file>")
-    with path.open(newline="", encoding="utf-8") as f:
-        if path.suffix.lower() in (".jsonl", ".json"):
-            rows = _json_rows(f.read(), path, skipped)
-        else:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    content = _utf8_text(path)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = _json_rows(content, path, skipped)
+    else:
+        rows = list(csv.DictReader(io.StringIO(content, newline=""),
+                                   delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     if not rows:
         raise TransferCliError(f"text file {path} has no rows; set data.{key} to a file with examples")
     return rows
 
 
-def _json_rows(content: str, path: Path, skipped: Optional[list[tuple[int, str]]]) -> list[dict[str, Any]]:
+def _utf8_text(path: Path) -> str:
+    """The file's text; a file in another encoding is one line naming where its first non-UTF-8 byte is."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (Excel's "CSV UTF-8") is not part of the header
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise TransferCliError(
+            f"text file {path} is not UTF-8: byte 0x{data[e.start]:02x} on line {line} cannot be decoded; "
+            f"save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix})"
+        ) from None
+
+
+def _json_rows(content: str, path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> list[dict[str, Any]]:
     """JSON lines; a .json file holding one array of objects is accepted too."""
     if content.lstrip().startswith("["):
-        return json.loads(content)
+        return _objects(_json(content, path, None), path)
     rows = []
     for number, line in enumerate(content.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                if skipped is None:
-                    raise TransferCliError(f"line {number} of {path} is not JSON ({e}); fix the file") from None
-                skipped.append((number, f"not JSON ({e})"))
-                continue
-            rows.append(row)
+        if not line.strip():
+            continue
+        try:
+            rows.append(_object(_json(line, path, number), path, number))
+        except TransferCliError as err:
+            if skipped is None:
+                raise
+            skipped.append((number, str(err).split(" is ", 1)[-1].split(";")[0]))
     return rows
+
+
+def _json(text: str, path: Path, number: Optional[int]) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {number} of {path}" if number else str(path)
+        raise TransferCliError(f"{where} is not JSON ({e}); fix the file") from None
+
+
+def _objects(rows: Any, path: Path) -> list[dict[str, Any]]:
+    if not isinstance(rows, list):
+        raise TransferCliError(f"{path} is not a JSON array of objects; write one object per example")
+    return [_object(row, path, None, index) for index, row in enumerate(rows, 1)]
+
+
+def _object(row: Any, path: Path, number: Optional[int], index: Optional[int] = None) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        where = f"line {number} of {path}" if number else f"element {index} of {path}"
+        raise TransferCliError(f"{where} is {type(row).__name__}, not an object with the text and label fields; "
+                               "write one JSON object per example")
+    return row
 
 
 def check_columns(cfg: DictConfig, available: Sequence[str], where: str, keys: Sequence[str]) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -47,3 +47,10 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device, channels_
             value = value.contiguous(memory_format=torch.channels_last)
         out[key] = value
     return out
+
+
+def use_channels_last(setting: Any, device: torch.device, modality: str) -> bool:
+    """trainer.channels_last: auto is on for image models on CUDA, where convolutions run faster in it."""
+    if setting == "auto":
+        return device.type == "cuda" and modality == "image"
+    return bool(setting)

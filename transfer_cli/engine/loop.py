@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -22,12 +21,14 @@ from tqdm import tqdm
 from transfer_cli.backbones.model import TransferModel
 from transfer_cli.engine import distributed
 from transfer_cli.engine.checkpoint import Checkpoints
-from transfer_cli.engine.device import autocast, resolve_device, resolve_precision, to_device
+from transfer_cli.engine.device import autocast, resolve_device, resolve_precision, to_device, use_channels_last
 from transfer_cli.engine.evaluate import tally
 from transfer_cli.engine.metrics import check_select_by, scalars, selection_key
+from transfer_cli.engine.mid_epoch import MidEpoch
 from transfer_cli.engine.optim import (build_optimizer, group_learning_rates, load_state_by_name, lr_factor,
                                        set_learning_rates, state_by_name)
 from transfer_cli.engine.seeding import rng_state, set_rng_state
+from transfer_cli.engine.stop_signals import StopRequests
 from transfer_cli.engine.timing import Stopwatch, val_every, validates
 from transfer_cli.errors import TransferCliError
 from transfer_cli.io import append_jsonl, read_jsonl, write_jsonl
@@ -97,7 +98,7 @@ class Trainer:
         self.metrics_path = RunFolder(self.run_dir).metrics_file
         self.device = resolve_device(str(self.tcfg.device))
         self.precision = resolve_precision(str(self.tcfg.precision), self.device)
-        self.channels_last = _channels_last(self.tcfg.channels_last, self.device, model)
+        self.channels_last = use_channels_last(self.tcfg.channels_last, self.device, model.modality)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self._count_steps()
         self.main = distributed.is_main()  # the process that writes files (the only one without torchrun)
@@ -107,9 +108,15 @@ class Trainer:
         self.log_every = int(self.tcfg.log_every)
         self.select_by = check_select_by(str(self.tcfg.select_by))
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.mid_epoch = MidEpoch(self.tcfg.get("checkpoint_every"))  # last.pt inside an epoch too
+        self.stops = StopRequests(self.run_dir)  # SIGTERM, SIGINT, SIGUSR1: stop after the step, with last.pt
 
     # ---------------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        with self.stops:
+            return self._fit()
+
+    def _fit(self) -> FitResult:
         self.prepare()
         state, carried_optimizer_state = self._start_or_resume()
         self.tracker.start(self.cfg, finished=read_jsonl(self.metrics_path))
@@ -146,6 +153,8 @@ class Trainer:
                 append_jsonl(self.metrics_path, record)
                 self._save_checkpoint(state)  # after the metrics line: a resume drops lines past the checkpoint
                 self.tracker.log_metrics(epoch, record)  # after the checkpoint: a resume replays what it lacks
+            if self.stops.requested:
+                self.stops.stop(f"after epoch {epoch}")
             if state.stopped:
                 break
 
@@ -197,6 +206,7 @@ class Trainer:
         self.model.load_state_dict(saved["model"])  # the strategy's state went in before its setup
         self.scaler.load_state_dict(saved["scaler"])
         set_rng_state(saved["rng"])
+        self.mid_epoch.resume_from(saved)
         state = TrainState(**saved["train_state"])
         # epochs after the checkpoint were not finished: drop their lines
         kept = [r for r in read_jsonl(self.metrics_path) if r["epoch"] < state.epoch]
@@ -226,32 +236,32 @@ class Trainer:
         solved = self.strategy.fit_epoch(epoch, self.model)  # a strategy with its own solver (L-BFGS probe)
         if solved is not None:
             return solved
-        losses: list[torch.Tensor] = []
-        penalty_sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        samples = checked = 0
+        tally = self.mid_epoch.tally(epoch, self.device)  # a resume in the middle of the epoch: its sums so far
         started = time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}", leave=False, disable=not self._progress())
-        for i, batch in enumerate(islice(self.train_loader, self.steps_per_epoch)):
+        bar = tqdm(total=self.steps_per_epoch, initial=tally.batches, desc=f"epoch {epoch}", leave=False,
+                   disable=not self._progress())
+        for i, batch in self.mid_epoch.batches(self.train_loader, self.steps_per_epoch, tally):
             batch, logits, total, penalties = self.train_step(batch, state)
-            losses.append(total.detach())
-            for name, value in penalties.items():
-                penalty_sums[name] = penalty_sums.get(name, 0) + value.detach().float()
-            correct += (logits.detach().argmax(1) == batch["labels"]).sum()
-            samples += batch["labels"].numel()
+            tally.add(total, penalties, logits, batch["labels"])
             if (i + 1) % self.log_every == 0 or i + 1 == self.steps_per_epoch:
-                self._check_finite(losses[checked:], epoch, state.step)  # the steps since the last check
-                checked = len(losses)
+                self._check_finite(tally.losses[tally.checked:], epoch, state.step)  # the steps since the last check
+                tally.checked = len(tally.losses)
                 if not bar.disable:  # .item() waits for the device: only for a bar someone sees
-                    bar.set_postfix(loss=f"{losses[-1].item():.4f}",
-                                    samples_per_s=f"{samples / (time.perf_counter() - started):.0f}")
+                    bar.set_postfix(loss=f"{tally.losses[-1].item():.4f}",
+                                    samples_per_s=f"{tally.samples / (time.perf_counter() - started):.0f}")
             bar.update()
+            inside = i + 1 < self.steps_per_epoch  # after the last batch, the epoch's own checkpoint follows
+            if self.main and inside and (self.stops.requested or self.mid_epoch.due(state.step)):
+                self._save_checkpoint(state, self.mid_epoch.state(epoch, tally))
+            if inside and self.stops.requested:
+                self.stops.stop(f"at step {state.step} (epoch {epoch}, batch {i + 1} of {self.steps_per_epoch})")
         bar.close()
         elapsed = time.perf_counter() - started
         # over every process (data-parallel training): sums, then means
         totals = distributed.sum_over_processes({
-            "loss": torch.stack(losses).sum() if losses else 0.0, "steps": len(losses), "correct": correct,
-            "samples": samples, **{f"penalty/{k}": v for k, v in penalty_sums.items()}}, self.device)
+            "loss": torch.stack(tally.losses).sum() if tally.losses else 0.0, "steps": len(tally.losses),
+            "correct": tally.correct, "samples": tally.samples,
+            **{f"penalty/{k}": v for k, v in tally.penalty_sums.items()}}, self.device)
         steps, samples = totals.pop("steps"), int(totals.pop("samples"))
         return {
             "loss": totals.pop("loss") / steps if steps else float("nan"),
@@ -318,8 +328,9 @@ class Trainer:
             state.epochs_since_best += 1
         return better
 
-    def _save_checkpoint(self, state: TrainState) -> None:
+    def _save_checkpoint(self, state: TrainState, mid_epoch: Optional[dict] = None) -> None:
         self.checkpoints.save_last({
+            **({"mid_epoch": mid_epoch} if mid_epoch else {}),
             "model": self.model.state_dict(),
             "optimizer": state_by_name(self.optimizer, self.model),
             "scaler": self.scaler.state_dict(),
@@ -337,8 +348,3 @@ class Trainer:
         setting = self.tcfg.progress
         return sys.stderr.isatty() if setting == "auto" else bool(setting)
 
-
-def _channels_last(setting: Any, device: torch.device, model: TransferModel) -> bool:
-    if setting == "auto":
-        return device.type == "cuda" and model.modality == "image"
-    return bool(setting)

@@ -46,9 +46,9 @@ def predict_run(cfg: DictConfig, run_dir: Path, source: Path, out: Optional[Path
     rows = _predict(run.model, run.strategy, inputs, device, resolve_precision(str(cfg.trainer.precision), device), k)
     if not rows and len(inputs.unreadable) == 1:
         bad = inputs.unreadable[0]
-        raise TransferCliError(f"cannot read {bad.name} ({bad.reason}); nothing predicted")
+        raise TransferCliError(f"cannot read {bad.path} ({bad.reason}); nothing predicted")
     for bad in inputs.unreadable:
-        print(f"transfer-cli: skipped {bad.name}: {bad.reason}", file=sys.stderr)
+        print(f"transfer-cli: skipped {bad.path}: {bad.reason}", file=sys.stderr)
     if not rows:
         raise TransferCliError(f"none of the {len(inputs.unreadable)} input(s) under {source} could be read "
                                "(each is listed above); nothing predicted")

@@ -19,7 +19,7 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-COUNT_HEADERS = ["n", "failed", "unfinished", "best epoch", "train time (s)", "trainable params"]
+COUNT_HEADERS = ["n", "failed", "unfinished", "best epoch", "train time (s)", "trainable params", "trainable %"]
 
 
 def markdown(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
@@ -35,8 +35,9 @@ def markdown(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
     def number(values: Sequence[float], fmt: str) -> str:
         return f"{_mean(values):{fmt}}" if values else "-"
 
+    # trainable %: three significant digits, since PEFT shares are fractions of a percent (0.0712)
     rows = [[*(_cell(v) for v in g.values), score(g), g.n, g.failed, g.unfinished, number(g.best_epochs, ".1f"),
-             number(g.train_times, ".1f"), number(g.trainable, ",.0f")] for g in table]
+             number(g.train_times, ".1f"), number(g.trainable, ",.0f"), number(g.trainable_pcts, ".3g")] for g in table]
     return markdown_table([*keys, f"{metric}{unit}", *COUNT_HEADERS], rows)
 
 
@@ -45,10 +46,11 @@ def csv_text(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*keys, f"{metric}_mean", f"{metric}_std", "n", "failed", "unfinished", "seeds",
-                     "best_epoch_mean", "train_time_s_mean", "params_trainable"])
+                     "best_epoch_mean", "train_time_s_mean", "params_trainable", "params_trainable_pct"])
     for g in table:
         stats = [g.mean, g.std, g.n, g.failed, g.unfinished, " ".join(str(s) for s in g.seeds),
-                 _mean(g.best_epochs), _mean(g.train_times), round(_mean(g.trainable)) if g.n else math.nan]
+                 _mean(g.best_epochs), _mean(g.train_times), round(_mean(g.trainable)) if g.n else math.nan,
+                 _mean(g.trainable_pcts)]
         writer.writerow([*("" if v is None else v for v in g.values),
                          *("" if isinstance(v, float) and math.isnan(v) else v for v in stats)])
     return out.getvalue()
@@ -59,7 +61,7 @@ def _cell(value: Any) -> str:
 
 
 def problems(runs: Sequence[Run], keys: Sequence[str], base: Path) -> list[str]:
-    """One markdown line per failed or unfinished run: its folder (relative to `base` when inside it), its
+    """One markdown line per failed, damaged or unfinished run: its folder (relative to `base` when inside it), its
     group and seed, what went wrong."""
     lines = []
     base = base.resolve()
@@ -67,7 +69,8 @@ def problems(runs: Sequence[Run], keys: Sequence[str], base: Path) -> list[str]:
         if run.status == "done":
             continue
         where = run.folder.relative_to(base) if run.folder.is_relative_to(base) else run.folder
-        what = f"failed: {run.error}" if run.status == "failed" else "unfinished: no results.json (running or killed)"
+        what = {"failed": f"failed: {run.error}", "damaged": f"damaged: {run.damaged}"}.get(
+            run.status, "unfinished: no results.json (running or killed)")
         group = ", ".join(f"{k}={_cell(run.config.get(k))}" for k in keys)
         lines.append(f"- `{where}` ({group + ', ' if group else ''}seed={run.config.get('seed')}): {what}")
     return lines

@@ -1,6 +1,8 @@
 """Reading run folders for the report: every folder holding `.hydra/config.yaml` is a run, done
-(results.json), failed (failed.json, written by a sweep job that raised) or unfinished (neither:
-still running, or killed). The config is flattened to dotted keys so runs can be compared key by key.
+(results.json), failed (failed.json, written by a sweep job that raised), unfinished (neither:
+still running, or killed) or damaged (a file that cannot be read back: results.json cut short, a
+garbled metrics.jsonl; the report names it and goes on with the others). The config is flattened to
+dotted keys so runs can be compared key by key.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from transfer_cli.errors import TransferCliError
-from transfer_cli.run_folder import RunFolder, find_run_folders
+from transfer_cli.io import DamagedFile
+from transfer_cli.run_folder import RunFolder, find_run_folders, read_config
 
 #: results.json's `weights` section joins a done run's config keys under this prefix
 WEIGHTS_PREFIX = "weights."
@@ -28,13 +31,15 @@ class Run:
     results: Optional[dict] = None
     error: Optional[str] = None  # failed.json's message
     curve: list[dict] = field(default_factory=list)  # metrics.jsonl, one record per epoch
+    damaged: Optional[str] = None  # the one line naming the damaged file and what to do
 
     @property
     def status(self) -> str:
+        if self.damaged is not None:
+            return "damaged"
         if self.results is not None:
             return "done"
         return "failed" if self.error is not None else "unfinished"
-
 
 
 def find_runs(folders: Sequence[Path]) -> list[Run]:
@@ -53,17 +58,25 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
 
 
 def load_run(folder: Path) -> Run:
+    """The run in `folder`; a file in it that cannot be read makes it a damaged run, not an error."""
     files = RunFolder(folder)
-    results = files.read_results()
-    config = load_config(files.config_file)
+    try:
+        config = load_config(files.config_file)
+    except DamagedFile as damaged:
+        return Run(folder, {}, damaged=str(damaged))
+    try:
+        results, error = files.read_results(), files.read_error()
+        metrics = files.read_metrics() if results is not None else []
+    except DamagedFile as damaged:
+        return Run(folder, config, damaged=str(damaged))
     if results is not None and isinstance(results.get("weights"), dict):
         config.update(flatten(results["weights"], WEIGHTS_PREFIX))
-    return Run(folder, config, results, files.read_error(), files.read_metrics() if results is not None else [])
+    return Run(folder, config, results, error, metrics)
 
 
 def load_config(path: Path) -> dict[str, Any]:
     """The flattened config as the run saw it; interpolations that cannot be resolved here stay as text."""
-    cfg = OmegaConf.load(path)
+    cfg = read_config(path)
     try:
         tree = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:
