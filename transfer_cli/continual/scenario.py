@@ -148,7 +148,8 @@ class Scenario:
         batch = self.cfg.trainer.batch_size if role == "train" else self.cfg.trainer.eval_batch_size
         return make_loader(labels_in(split, start, stage.end), self.model, int(batch), train=role == "train",
                            seed=self.seed, num_workers=int(self.cfg.data.num_workers),
-                           augment=bool(self.cfg.data.augment), max_length=int(self.cfg.data.get("max_length", 128)))
+                           augment=bool(self.cfg.data.augment), max_length=int(self.cfg.data.get("max_length", 128)),
+                           skip_bad_images=bool(self.cfg.data.get("skip_bad_images", False)))
 
     def _stage_cfg(self) -> DictConfig:
         cfg = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
@@ -174,6 +175,9 @@ class Scenario:
                           "stages": records, **summary},
             # the final stage's test on every class, so tables and sweeps read a scenario like any run
             "test": {"acc1": last["acc1"], "loss": last["loss"], "n": last["n"], "of": len(self.data.test.labels)},
+            # no validation number stands for a scenario (each stage validates its own classes only), so a
+            # sweeper's objective (trainer.select_by) reads NaN rather than a number that selects on plasticity
+            "val": {},
             "best_epoch": self._epochs() - 1 if self.trained else -1,  # each stage keeps its last epoch
             "epochs": self._epochs(),
             "params": parameter_counts(self.model),
