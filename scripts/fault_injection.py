@@ -166,18 +166,25 @@ def killed_run(work: Path, kills: int, whole: dict, start_s: float, step_s: floa
     return kills if outcome(run_dir) == whole else 0
 
 
-def killed_sweep(work: Path, kills: int, rng: random.Random, wall_s: float) -> str:
+def killed_sweep(work: Path, kills: int, rng: random.Random, train_s: float) -> str:
+    """Kill a 3-job sweep `kills` times, each a random moment after one more job finished, then run it again."""
     sweep = work / "sweep"
     overrides = ["-m", "seed=0,1,2", f"hydra.sweep.dir={sweep}"]
-    for _ in range(kills):
-        kill_at_random(start(*overrides), rng.uniform(0.5, 2.0) * wall_s)
+    for kill_number in range(kills):
+        process = start(*overrides)
+        while process.poll() is None and len(list(sweep.glob("*/results.json"))) <= kill_number:
+            time.sleep(0.05)
+        landed = kill_at_random(process, rng.uniform(0, train_s))
+        print(f"sweep kill {kill_number + 1}: {'landed' if landed else 'too late, the sweep had finished'}, "
+              f"{len(list(sweep.glob('*/results.json')))}/3 jobs finished", flush=True)
     before = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     finish(*overrides)
     after = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
     redone = [name for name, mtime in before.items() if after.get(name) != mtime]
     if len(after) != 3 or redone:
-        return f"sweep: FAILED ({len(after)}/3 finished; re-run again: {redone})"
-    return f"sweep: {len(before)}/3 jobs finished before the re-run, kept as they were; the re-run ran the other {3 - len(before)}"
+        return f"sweep: FAILED ({len(after)}/3 finished; run again: {redone})"
+    return (f"sweep: {len(before)}/3 jobs had finished before the re-run and were kept as they were; "
+            f"the re-run ran the other {3 - len(before)}")
 
 
 def main() -> None:
@@ -201,7 +208,7 @@ def main() -> None:
         identical = killed_run(work, args.kills, whole, start_s, step_s, rng)
         print(f"{identical}/{args.kills} resumed identical", flush=True)
         if args.sweep_kills:
-            print(killed_sweep(work, args.sweep_kills, rng, wall_s))
+            print(killed_sweep(work, args.sweep_kills, rng, train_s))
     sys.exit(0 if identical == args.kills else 1)
 
 
