@@ -1,7 +1,8 @@
 """Cost of each transfer strategy per training step, relative to plain fine-tuning, and its memory.
 
 Every registered strategy (transfer_cli.strategies.base.STRATEGIES, so strategies added later are
-picked up) runs on the same backbone, data and batch: the real run is assembled from the config
+picked up) runs on the same backbone (a timm backbone's random init, saved once with its classifier so
+that the methods needing a source head have one), data and batch: the real run is assembled from the config
 (`strategy=<name>` plus the options below), the Trainer prepares it (the strategy's setup, its
 loaders) and the Trainer's own `train_step` (forward, penalties, backward, optimizer step) runs on
 one fixed batch of the first epoch.
@@ -10,6 +11,7 @@ one fixed batch of the first epoch.
     python scripts/bench_strategies.py --device cuda --backbone resnet50 --image-size 224
     python scripts/bench_strategies.py --override delta:strategy.attention_batches=2
     python scripts/bench_strategies.py --experiment minilm_sentiment --strategies finetune,lora,adapter,bitfit,vpt,ssf
+    python scripts/bench_strategies.py --strategies co_tuning,lwf,stochnorm,bi_tuning,l2t_ww,hybrid_forward
 
 ms/step: all strategies are prepared in one process, warmed up, then stepped round-robin (one step
 each, --steps times), so a change of load on the machine touches every strategy alike; the median
@@ -39,7 +41,9 @@ from pathlib import Path
 TARGETS = [("l2sp", "time", 1.10), ("delta", "time", 1.6), ("spottune", "time", 2.3), ("adafilter", "time", 1.8),
            *[(name, measure, limit) for name in ("lora", "adapter", "bitfit", "vpt", "ssf")
              for measure, limit in (("time", 1.0), ("optimizer", 0.05))],
-           ("lora", "trainable %", 2.0)]  # the last: set for LoRA r=8 on MiniLM (--experiment minilm_sentiment)
+           ("lora", "trainable %", 2.0),  # set for LoRA r=8 on MiniLM (--experiment minilm_sentiment)
+           ("co_tuning", "time", 1.2), ("lwf", "time", 1.2), ("stochnorm", "time", 1.2), ("bi_tuning", "time", 2.5),
+           ("l2t_ww", "time", 4.0), ("hybrid_forward", "time", 3.5)]
 BASELINE = "finetune"
 RESULT_PREFIX = "BENCH_RESULT "
 
@@ -59,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--strategies", default=None, help="comma-separated subset (default: all registered)")
     parser.add_argument("--override", action="append", default=[],
                         help="KEY=VALUE for every strategy, or NAME:KEY=VALUE for one (e.g. delta:strategy.attention=false)")
+    parser.add_argument("--weights", default=None,
+                        help="backbone weights file for --backbone (default: its random init, saved once with its "
+                             "classifier, so that co_tuning and lwf have a source head)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -68,7 +75,7 @@ def overrides_for(name: str, args: argparse.Namespace) -> list[str]:
         model = [f"experiment={args.experiment}", "data.samples_per_class=null"]
     else:
         model = ["backbone=timm", f"backbone.name={args.backbone}", f"backbone.image_size={args.image_size}",
-                 "data=digits", "data.samples_per_class=null"]
+                 "data=digits", "data.samples_per_class=null", f"backbone.weights={args.weights}"]
     common = [f"strategy={name}", *model, f"trainer.batch_size={args.batch_size}", f"trainer.device={args.device}",
               f"trainer.precision={args.precision}", "trainer.progress=false"]
     if args.threads:
@@ -214,11 +221,28 @@ def run_child(name: str, argv: list[str]) -> dict:
     return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
 
 
+def random_weights(backbone: str, folder: str) -> str:
+    """The timm backbone's random init with its ImageNet-sized classifier, as a weights file: every strategy
+    loads the same weights, and the methods that need a source head (co_tuning, lwf) have one."""
+    import safetensors.torch
+    import timm
+
+    path = str(Path(folder) / f"{backbone}.safetensors")
+    state = timm.create_model(backbone, pretrained=False).state_dict()
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
 def registered_strategies() -> list[str]:
     import transfer_cli.strategies  # noqa: F401  (registers every strategy module)
     from transfer_cli.strategies.base import STRATEGIES
 
     return STRATEGIES.names()
+
+
+def refused(r: dict) -> bool:
+    """The strategy turned this backbone down in its one-line error (VPT on a CNN): not a failed target."""
+    return r.get("error", "").startswith("transfer_cli.errors.TransferCliError")
 
 
 def table(results: dict[str, dict]) -> list[str]:
@@ -227,7 +251,7 @@ def table(results: dict[str, dict]) -> list[str]:
              "| setup s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| `{name}` | failed: {r['error'][:120]} | | | | | | |")
+            lines.append(f"| `{name}` | {'refused' if refused(r) else 'failed'}: {r['error'][:120]} | | | | | | |")
             continue
         lines.append(f"| `{name}` | {r['ms']:.1f} | {ratio(r['ms'], base.get('ms'))} | {r['peak_mib']:.0f} "
                      f"| {r['optimizer_mib']:.2f} | {ratio(r['optimizer_mib'], base.get('optimizer_mib'))} "
@@ -258,6 +282,8 @@ def target_lines(results: dict[str, dict], registered: list[str]) -> list[str]:
         target = f"`{name}` ≤ {limit:g} {label}"
         if r is None:
             lines.append(f"| {target} | {'not in --strategies' if name in registered else 'not registered'} | – |")
+        elif refused(r):
+            lines.append(f"| {target} | refused on this backbone | – |")
         elif "error" in r or "error" in base or not base:
             lines.append(f"| {target} | not measured | FAIL |")
         else:
@@ -275,6 +301,10 @@ def main(argv=None) -> None:
     names = args.strategies.split(",") if args.strategies else registered
     names = [BASELINE] + [n for n in names if n != BASELINE]
     forwarded = list(sys.argv[1:] if argv is None else argv)
+    folder = tempfile.TemporaryDirectory()
+    if not args.experiment and not args.weights:
+        args.weights = random_weights(args.backbone, folder.name)
+        forwarded += ["--weights", args.weights]
     memory = {}
     for name in names:  # each in a fresh process: a process's peak memory is its own
         memory[name] = run_child(name, forwarded)

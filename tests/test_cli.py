@@ -100,6 +100,27 @@ def test_list_prints_every_strategy_with_a_summary(capsys):
     assert all(len(line.split(None, 1)) == 2 for line in lines)
 
 
+def test_list_describes_each_strategy_by_the_class_it_runs(capsys):
+    """One place for a strategy's description: its class's docstring (adafilter's once said "per output
+    channel of every block" in its config while the code gated every filter of every convolution)."""
+    from transfer_cli.strategies import STRATEGIES
+
+    main(["list", "strategies"])
+    described = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(described) <= set(STRATEGIES.names())
+    assert all(text == STRATEGIES.summary(name) for name, text in described.items())
+    assert "each filter of each convolution" in described["adafilter"]
+
+
+def test_list_regularizers_names_each_term_a_strategy_can_hold(capsys):
+    from transfer_cli.strategies import REGULARIZERS
+
+    main(["list", "regularizers"])
+    described = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert set(described) == set(REGULARIZERS.names()) and {"l2sp", "delta", "bss"} <= set(described)
+    assert all(text == REGULARIZERS.summary(name) for name, text in described.items())
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["train", "strategy=sorcery"], "unknown strategy 'sorcery'; choose one of: "),
     (["train", "backbone=nope"], "unknown backbone 'nope'; choose one of: efficientnet_lite0, hf, minilm, quickstart, timm"),
@@ -108,7 +129,7 @@ def test_list_prints_every_strategy_with_a_summary(capsys):
     (["train", "-m", "strategy=finetune,sorcery"], "unknown strategy 'sorcery'"),
     (["train", "trainer.max_epochs=ten"], "trainer.max_epochs='ten' must be a number (default 30)"),
     (["train", "data.augment=maybe"], "data.augment='maybe' must be true or false"),
-    (["list", "gadgets"], "usage: transfer-cli list strategies|backbones|datasets"),
+    (["list", "gadgets"], "usage: transfer-cli list strategies|regularizers|backbones|datasets"),
     (["fly"], "unknown command 'fly'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, expected):

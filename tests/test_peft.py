@@ -254,7 +254,9 @@ def test_new_parameters_sit_in_the_layer_group_of_the_module_they_adapt(tiny_ber
         strategy.setup(model, None, torch.device("cpu"))
         assert name in model.group("layer.1").parameter_names
         groups = {g["name"]: g for g in strategy.param_groups(model, 1.0)}
-        # layer decay as ULMFiT: the group below the head at lr/2, one more step per group down
+        # layer decay as ULMFiT: the group below the head at lr/2, one more step per group down (the toy
+        # config's SGD: strategy.lr_mult=auto keeps the run's rate)
+        assert strategy.cfg.lr_mult == "auto" and groups["head"]["lr"] == strategy.head_lr_mult
         assert groups["layer.1"]["lr"] == 0.5 and groups["layer.0"]["lr"] == 0.25
         params = dict(model.named_parameters())
         assert any(p is params[name] for p in groups["layer.1"]["params"])
@@ -262,6 +264,28 @@ def test_new_parameters_sit_in_the_layer_group_of_the_module_they_adapt(tiny_ber
     set_up("vpt_deep", model)  # the input prompts belong to the embeddings, layer i's to layer i
     assert "peft.body_embeddings_word_embeddings.tokens" in model.group("embeddings").parameter_names
     assert "peft.body_encoder_layer_1.tokens" in model.group("layer.1").parameter_names
+
+
+@pytest.mark.parametrize("optimizer, lr_mult, expected", [("adamw", "auto", 10.0), ("sgd", "auto", 1.0),
+                                                         ("sgd", 3, 3.0), ("adamw", 1, 1.0)])
+def test_peft_rates_are_lr_mult_times_the_run_s_head_included(optimizer, lr_mult, expected, tiny_bert):
+    """auto: 10x with AdamW (the PEFT papers train at 10-50x fine-tuning's rate, with Adam-type optimizers), 1x
+    with SGD; a number is taken as given."""
+    model, _ = backbone("bert", tiny_bert)
+    cfg = strategy_config("lora")
+    cfg.optim.name, cfg.strategy.lr_mult = optimizer, lr_mult
+    strategy = build_strategy(cfg)
+    strategy.setup(model, None, torch.device("cpu"))
+    groups = {g["name"]: g["lr"] for g in strategy.param_groups(model, 0.5)}
+    assert groups["head"] == 0.5 * expected * strategy.head_lr_mult
+    assert groups["layer.1"] == 0.5 * expected
+
+
+def test_a_bad_lr_mult_is_one_line(tiny_bert):
+    cfg = strategy_config("bitfit")
+    cfg.strategy.lr_mult = "fast"
+    with pytest.raises(TransferCliError, match="strategy.lr_mult='fast' is not a number; give one"):
+        build_strategy(cfg)
 
 
 def test_lora_presets_and_targets(tiny_bert):

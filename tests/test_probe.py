@@ -57,11 +57,12 @@ class LoudModel(ToyModel):
         return super().features(batch) * 2000
 
 
-def probe_run(tmp_path, resume=False, **strategy):
+def probe_run(tmp_path, resume=False, regularizers=(), **strategy):
     torch.manual_seed(0)
     cfg = toy_config(max_epochs=10, resume=resume)
-    shipped = compose_config(["strategy=freeze"]).strategy  # the shipped defaults
-    cfg.strategy = OmegaConf.merge(shipped, strategy)
+    shipped = compose_config(["strategy=freeze", *([f"regularizers=[{','.join(regularizers)}]"] if regularizers else [])])
+    cfg.strategy = OmegaConf.merge(shipped.strategy, strategy)  # the shipped defaults
+    cfg.regularizers = shipped.get("regularizers") or {}
     model = LoudModel()
     result = Trainer(model, build_strategy(cfg), *loaders(model), cfg, tmp_path).fit()
     return model, result, read_jsonl(tmp_path / "metrics.jsonl")
@@ -75,6 +76,13 @@ def test_the_default_probe_is_lbfgs_in_one_epoch_with_a_sane_loss(tmp_path):
     _, sgd, sgd_records = probe_run(tmp_path / "sgd", solver="sgd")  # the old default: SGD at lr 0.05, momentum
     assert len(sgd_records) == 10 and max(r["val_loss"] for r in sgd_records) > 3 * chance
     assert result.test["acc1"] >= sgd.test["acc1"]
+
+
+def test_the_default_probe_with_a_regularizer_term_trains_by_sgd_with_it(tmp_path):
+    """auto never drops a held term: L-BFGS solves the probe's own objective, so the loop's SGD trains."""
+    _, _, records = probe_run(tmp_path, regularizers=["l2sp"])
+    assert len(records) == 10 and not any("probe_l2" in r for r in records)
+    assert all(r["train_penalty/l2sp"] > 0 for r in records)
 
 
 def test_a_finished_probe_resumes_to_its_test_without_training_more(tmp_path):

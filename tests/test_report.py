@@ -127,7 +127,8 @@ def test_markdown_shows_accuracy_in_percent_with_counts(runs, sweep):
     values = expected_groups(sweep)[(20, "scratch")]  # two seeds left: the failed one is counted apart
     mean, std = 100 * statistics.fmean(values), 100 * statistics.stdev(values)
     row = next(line for line in text.splitlines() if line.startswith("| 20 | scratch |"))
-    assert row == f"| 20 | scratch | {mean:.1f} ± {std:.1f} | 2 | 1 | 0 | 4.5 | 10.5 | 373,658 |"
+    # the fakes predate trainable_pct: the share comes from their counts (trainable = total here)
+    assert row == f"| 20 | scratch | {mean:.1f} ± {std:.1f} | 2 | 1 | 0 | 4.5 | 10.5 | 373,658 | 100 |"
     assert text.splitlines()[0].startswith("| data.samples_per_class | strategy.name | test.acc1 (%) | n |")
 
 
@@ -171,6 +172,34 @@ def test_by_pools_the_other_keys_and_metric_picks_any_number(sweep, tmp_path, ca
         assert int(rows[strategy[0]]["n"]) == len(values) == (9 if strategy[0] == "finetune" else 8)
         assert float(rows[strategy[0]]["val.acc1_mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
     assert rows["scratch"]["failed"] == "1" and rows["l2sp"]["unfinished"] == "1"
+
+
+def test_trainable_share_column_from_results_or_from_older_results_counts(tmp_path):
+    """trainable % is results.json's params.trainable_pct, averaged over a group's seeds; a results.json written
+    before that field existed gives it from its counts, and one without a total shows "-" (no row is lost)."""
+    cfg = compose_config(["strategy=lora"])
+    params = {"lora": [{"total": 1000, "trainable": 7, "trainable_pct": 0.7},
+                       {"total": 1000, "trainable": 9, "trainable_pct": 0.9}],
+              "bitfit": [{"total": 4000, "trainable": 100}],  # older: counts only
+              "finetune": [{"trainable": 500}]}  # oldest: no total
+    for strategy, records in params.items():
+        for seed, record in enumerate(records):
+            folder = tmp_path / f"seed={seed},strategy={strategy}"
+            (folder / ".hydra").mkdir(parents=True)
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.strategy.name, run_cfg.seed = strategy, seed
+            OmegaConf.save(run_cfg, folder / ".hydra" / "config.yaml")
+            results = fake_results(run_cfg, 0.5 + 0.1 * seed, 1, 1.0)
+            write_json(folder / "results.json", {**results, "params": record})
+    main(["report", str(tmp_path), "--by", "strategy.name", "--out", str(tmp_path)])
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert lines[0].endswith("| trainable params | trainable % |")
+    shares = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[-1].strip(" |") for line in lines[2:5]}
+    assert shares == {"bitfit": "2.5", "finetune": "-", "lora": "0.8"}
+    rows = {r["strategy.name"]: r for r in csv.DictReader((tmp_path / "report.csv").open())}
+    assert float(rows["lora"]["params_trainable_pct"]) == pytest.approx(0.8)
+    assert float(rows["bitfit"]["params_trainable_pct"]) == pytest.approx(2.5)
+    assert rows["finetune"]["params_trainable_pct"] == ""
 
 
 def test_by_a_constant_key_gives_one_row_per_value(runs):
@@ -287,11 +316,13 @@ def test_report_of_a_real_sweep(real_sweep, capsys):
     results = json.loads(results_file.read_text())
     assert printed[0].startswith("| test.acc1 (%) | n | failed |")  # nothing varies: one row, no key columns
     assert printed[2] == (f"| {100 * results['test']['acc1']:.1f} | 1 | 0 | 0 | {results['best_epoch']:.1f} | "
-                          f"{results['train_time_s']:.1f} | {results['params']['trainable']:,} |")
+                          f"{results['train_time_s']:.1f} | {results['params']['trainable']:,} | "
+                          f"{results['params']['trainable_pct']:.3g} |")
     assert {p.name for p in real_sweep.glob("report*")} == {"report.md", "report.csv", "report_bars.png",
                                                             "report_curves.png"}
     (row,) = csv.DictReader((real_sweep / "report.csv").open())
     assert float(row["test.acc1_mean"]) == results["test"]["acc1"] and row["test.acc1_std"] == ""
+    assert float(row["params_trainable_pct"]) == results["params"]["trainable_pct"]
 
 
 def test_fake_runs_have_the_real_structure(real_sweep, sweep):
@@ -307,3 +338,17 @@ def test_fake_runs_have_the_real_structure(real_sweep, sweep):
     assert shape(fake).keys() >= {"test.acc1", "best_epoch", "train_time_s", "params.trainable"}
     real_curve = json.loads((next(real_sweep.rglob("metrics.jsonl"))).read_text().splitlines()[0])
     assert {"epoch", "val_acc1"} <= set(real_curve)
+
+
+def test_several_folders_pool_into_a_report_of_their_own(sweep, tmp_path, monkeypatch, capsys):
+    """`report A B` once wrote the pooled table over A's own report.md without saying so."""
+    first, second = sorted(p for p in sweep.iterdir() if (p / "results.json").exists())[:2]
+    monkeypatch.chdir(tmp_path)
+    main(["report", str(first), str(second)])
+    printed = capsys.readouterr().out
+    written = list((tmp_path / "reports").glob("pooled-*/report.md"))
+    assert len(written) == 1 and str(written[0].relative_to(tmp_path)) in printed
+    assert "2 finished run(s) of 2" in written[0].read_text()
+    assert not (first / "report.md").exists() and not (second / "report.md").exists()
+    main(["report", str(first), str(second)])  # the same folders: the same report folder
+    assert list((tmp_path / "reports").glob("pooled-*/report.md")) == written

@@ -1,5 +1,5 @@
 """The `transfer-cli` command: dispatch to train (`transfer_cli.train_app`, a Hydra application),
-eval, list, export, report and analyze, and the one-line error every TransferCliError becomes.
+eval, predict, list, export, report and analyze, and the one-line error every TransferCliError becomes.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from transfer_cli.config_files import config_options, config_summary
+from transfer_cli.config_files import CONFIG_DIR, config_options, config_summary
 from transfer_cli.errors import TransferCliError, fail
 from transfer_cli.run_folder import RunFolder, run_config
 from transfer_cli.train_app import train_command
@@ -18,9 +18,13 @@ USAGE = """usage: transfer-cli COMMAND [ARGS]
 commands:
   train [KEY=VALUE ...] [-m]     train and evaluate (Hydra overrides; -m runs a sweep)
   eval run=RUN_DIR               re-evaluate a finished run's best checkpoint on its test split
-  list strategies|backbones|datasets
+  predict run=RUN_DIR input=PATH [out=FILE.csv] [topk=5] [column=TEXT_COLUMN]
+                                 classify an image, a folder of images or a CSV/JSONL of texts
+  list strategies|regularizers|backbones|datasets
                                  what exists, one line each
-  export run=RUN_DIR out=FILE    save a run's trained body as a pretrained backbone (.safetensors)
+  export run=RUN_DIR out=FILE [format=native]
+                                 save a run's trained body as a pretrained backbone (.safetensors), or
+                                 (format=native) the classifier as a timm / Hugging Face folder
   analyze cka|interpolate|criticality|spectrum RUN [OTHER] [--options]
                                  what was transferred: tables and plots in RUN/analysis/
                                  (transfer-cli analyze --help)
@@ -29,7 +33,7 @@ commands:
 
 add --verbose (or HYDRA_FULL_ERROR=1) to see tracebacks"""
 
-GROUP_OF_LIST = {"strategies": "strategy", "backbones": "backbone", "datasets": "data"}
+GROUP_OF_LIST = {"strategies": "strategy", "regularizers": "regularizers", "backbones": "backbone", "datasets": "data"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -41,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     command, args = argv[0], argv[1:]
     commands: dict[str, Callable[[list[str]], None]] = {
-        "train": train_command, "eval": eval_command, "list": list_command, "export": export_command,
+        "train": train_command, "eval": eval_command, "predict": predict_command, "list": list_command,
+        "export": export_command,
         "analyze": analyze_command, "report": report_command,
     }
     if command not in commands:
@@ -57,12 +62,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 # ---- list ------------------------------------------------------------------------------------
 def list_command(args: list[str]) -> None:
     if len(args) != 1 or args[0] not in GROUP_OF_LIST:
-        raise TransferCliError("usage: transfer-cli list strategies|backbones|datasets")
+        raise TransferCliError("usage: transfer-cli list strategies|regularizers|backbones|datasets")
     group = GROUP_OF_LIST[args[0]]
     names = config_options(group)
     width = max(len(n) for n in names)
     for name in names:
-        print(f"{name:<{width}}  {config_summary(group, name)}")
+        print(f"{name:<{width}}  {describe(group, name)}")
+
+
+def describe(group: str, name: str) -> str:
+    """A strategy or regularizer term is described by its class's docstring (the code it names); a backbone
+    or dataset config is a preset of a builder, described by the config file's first comment line."""
+    if group not in ("strategy", "regularizers"):
+        return config_summary(group, name)
+    from transfer_cli.strategies import REGULARIZERS, STRATEGIES
+
+    if group == "regularizers":
+        return REGULARIZERS.summary(name)
+    from omegaconf import OmegaConf
+
+    return STRATEGIES.summary(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml").name)
 
 
 # ---- eval and export -------------------------------------------------------------------------
@@ -89,13 +108,33 @@ def eval_command(args: list[str]) -> None:
           f"(checkpoint of epoch {result['epoch']})  -> {RunFolder(run_dir).eval_file}")
 
 
+def predict_command(args: list[str]) -> None:
+    from transfer_cli.engine.predict import predict_run
+
+    values = _parse_keyvalues(args, ["run", "input"])
+    run_dir = Path(values.pop("run")).expanduser()
+    source = Path(values.pop("input")).expanduser()
+    out = Path(values.pop("out")).expanduser() if "out" in values else None
+    topk = values.pop("topk", "5")
+    if not topk.isdigit():
+        raise TransferCliError(f"topk={topk!r} must be a whole number, e.g. topk=5")
+    column = values.pop("column", None)
+    done = predict_run(run_config(run_dir, values), run_dir, source, out, int(topk), column)
+    skipped = f", {done.unreadable} unreadable input(s) skipped" if done.unreadable else ""
+    print(f"predicted {done.predicted} input(s){skipped} -> {done.out}")
+
+
 def export_command(args: list[str]) -> None:
     from transfer_cli.engine.evaluate_run import export_run
 
     values = _parse_keyvalues(args, ["run", "out"])
     run_dir = Path(values.pop("run")).expanduser()
     out = Path(values.pop("out")).expanduser()
-    export_run(run_config(run_dir, values), run_dir, out)
+    kind = values.pop("format", "source")
+    if kind not in ("source", "native"):
+        raise TransferCliError(f"format={kind!r}: choose source (a backbone for backbone.weights=) or native "
+                               "(a timm / Hugging Face classifier folder)")
+    export_run(run_config(run_dir, values), run_dir, out, native=kind == "native")
     print(f"wrote {out}")
 
 

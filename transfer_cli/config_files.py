@@ -18,6 +18,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 OmegaConf.register_new_resolver("asset", lambda name: str(ASSETS_DIR / name), replace=True)
 # hydra.sweep.subdir: a sweep job's folder named by its own overrides (job_names.py)
 OmegaConf.register_new_resolver("job_name", lambda overrides, exclude: job_name(overrides, exclude), replace=True)
+# hydra/sweeper=optuna: the train app returns the validation trainer.select_by; only loss is lower-better
+OmegaConf.register_new_resolver("objective_direction", lambda select_by: "minimize" if select_by == "loss" else "maximize",
+                                replace=True)
 
 
 def config_options(group: str) -> list[str]:

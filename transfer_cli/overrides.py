@@ -8,7 +8,7 @@ import difflib
 from typing import Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override, OverrideType
+from hydra.core.override_parser.types import Override, OverrideType, ValueType
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,14 +57,21 @@ def check_overrides(overrides: Sequence[str]) -> None:
         return  # nothing a composition could reject: `train` and `train trainer=smoke` start without one
     base = [o.input_line for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
-    firsts = {o.input_line: f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps}
+    firsts = {o.input_line: f"{o.get_key_element()}={_sweep_values(o)[0]}" for o in sweeps}
     first = compose_config(base + list(firsts.values()))
     check_value_types(first, compose_config([]))
     check_values(first)
     for sweep in sweeps:
         others = [v for k, v in firsts.items() if k != sweep.input_line]
-        for value in list(sweep.sweep_string_iterator())[1:]:
+        for value in _sweep_values(sweep)[1:]:
             check_values(compose_config(base + others + [f"{sweep.get_key_element()}={value}"]))
+
+
+def _sweep_values(sweep: Override) -> list[str]:
+    """The values a sweep override takes; an interval (an Optuna search range) by its two ends."""
+    if sweep.value_type == ValueType.INTERVAL_SWEEP:
+        return [str(sweep.value().start), str(sweep.value().end)]
+    return list(sweep.sweep_string_iterator())
 
 
 def _picks_an_existing_option(override: Override) -> bool:

@@ -36,6 +36,7 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def summary(self, name: str) -> str:
-        """First line of the factory's docstring: what `transfer-cli list` prints."""
+        """The first paragraph of the factory's docstring, on one line: what `transfer-cli list` prints, so
+        the description lives beside the code it describes."""
         doc = inspect.getdoc(self.get(name)) or ""
-        return doc.splitlines()[0] if doc else ""
+        return " ".join(doc.split("\n\n")[0].split())

@@ -13,6 +13,9 @@
       analysis/             `transfer-cli analyze`: <name>.json, .md and .png
       tb/                   logger=tensorboard's event files (unless logger.log_dir says elsewhere)
       mlflow_run.json       logger=mlflow: which MLflow run a resumed run continues
+      stage_<k>/            scenario=class_incremental: stage k's own metrics.jsonl and checkpoints/ (a run
+                            folder of the loop's), stage.json (its test numbers) and end.pt (the model and
+                            the strategy's state after the stage, kept for the latest finished stage only)
 
 The CLI, eval and export, analysis, reporting and sweeps all go through here, so none of them
 imports another to learn where a file is. It sits low in the package: it needs only the errors,
@@ -44,6 +47,9 @@ BEST = "best.pt"
 ANALYSIS = "analysis"
 TENSORBOARD = "tb"
 MLFLOW_POINTER = "mlflow_run.json"
+STAGE = "stage_{}"
+STAGE_RECORD = "stage.json"
+STAGE_END = "end.pt"
 
 
 class RunFolder:
@@ -90,6 +96,16 @@ class RunFolder:
 
     def read_metrics(self) -> list[dict]:
         return read_jsonl(self.metrics_file)
+
+    def stage_dir(self, stage: int) -> Path:
+        """A class-incremental run's stage folder: the loop's run folder for that stage."""
+        return self.path / STAGE.format(stage)
+
+    def stage_record(self, stage: int) -> Path:
+        return self.stage_dir(stage) / STAGE_RECORD
+
+    def stage_end(self, stage: int) -> Path:
+        return self.stage_dir(stage) / STAGE_END
 
 
 def run_config(run_dir: Path, overrides: Mapping[str, str]) -> DictConfig:

@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import safetensors.torch
 from torch import nn
@@ -56,13 +57,20 @@ def _export_safetensors(model: TransferModel, path: Path, metadata: dict[str, An
 
 
 def _export_folder(model: HFModel, path: Path, metadata: dict[str, Any]) -> None:
-    """save_pretrained into a temporary folder beside `path`, then swap it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with replace_folder(path) as tmp:
         model.body.save_pretrained(tmp)
         model.preprocessing["tokenizer"].save_pretrained(tmp)
         (tmp / HF_METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def replace_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; swapped in for `path` when the block ends without an
+    error, so a failed export leaves the old folder as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
         if path.exists():  # a folder cannot be renamed over a non-empty one: move the old one aside first
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)

@@ -56,7 +56,7 @@ class FileLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[Batch]:
         for batch in self.loader:
-            if isinstance(batch, _Unreadable):
+            if isinstance(batch, Unreadable):
                 break
             for bad in batch.pop("skipped", ()):
                 self._skip(bad)
@@ -70,7 +70,7 @@ class FileLoader(BatchLoader):
             "or set data.skip_bad_images=true to leave unreadable files out"
         )
 
-    def _skip(self, bad: "_Unreadable") -> None:
+    def _skip(self, bad: "Unreadable") -> None:
         """Say once per file that it is left out; `skipped` counts them for results.json."""
         if bad.path not in self.skipped:
             self.skipped[bad.path] = bad.reason
@@ -117,7 +117,7 @@ class _PlanBatches(torch.utils.data.Sampler):
 
 
 @dataclass(frozen=True)
-class _Unreadable:
+class Unreadable:
     """Stands in for a sample or batch whose image failed to decode.
 
     It travels back from worker processes as data, so the main process raises one clean
@@ -149,16 +149,16 @@ def image_mode(prep: dict) -> str:
 
 
 def decode(split: EncodedImages, index: int, mode: str) -> Any:
-    """Example `index` as a PIL image in `mode`, or `_Unreadable` when it cannot be decoded."""
+    """Example `index` as a PIL image in `mode`, or `Unreadable` when it cannot be decoded."""
     try:
         with split.open(index) as image:
             return upright(image, mode)
     except DECODE_ERRORS as e:
-        return _Unreadable(split.describe(index), first_line(e))
+        return Unreadable(split.describe(index), first_line(e))
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """(index, augmentation seed) -> (transformed image, label), or `_Unreadable`."""
+    """(index, augmentation seed) -> (transformed image, label), or `Unreadable`."""
 
     def __init__(self, split: EncodedImages, transform: Callable, mode: str):
         self.split = split
@@ -172,7 +172,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, Optional[int]]) -> Any:
         index, seed = item
         image = decode(self.split, index, self.mode)
-        if isinstance(image, _Unreadable):
+        if isinstance(image, Unreadable):
             return image
         with _seeded(seed):
             return self.transform(image), self.labels[index]
@@ -199,7 +199,7 @@ def _seeded(seed: Optional[int]) -> Iterator[None]:
 
 
 def _collate(items: list) -> Any:
-    bad = next((item for item in items if isinstance(item, _Unreadable)), None)
+    bad = next((item for item in items if isinstance(item, Unreadable)), None)
     if bad is not None:
         return bad
     images, labels = zip(*items)
@@ -208,7 +208,7 @@ def _collate(items: list) -> Any:
 
 def _collate_skipping(items: list) -> Any:
     """The batch without its unreadable files, which travel along under "skipped" (possibly all of them)."""
-    good = [item for item in items if not isinstance(item, _Unreadable)]
+    good = [item for item in items if not isinstance(item, Unreadable)]
     batch = _collate(good) if good else {"labels": torch.zeros(0, dtype=torch.long)}
-    batch["skipped"] = [item for item in items if isinstance(item, _Unreadable)]
+    batch["skipped"] = [item for item in items if isinstance(item, Unreadable)]
     return batch

@@ -39,10 +39,19 @@ def _class_folders(folder: Path) -> list[str]:
     return names
 
 
-def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
-    """Every image under folder/<class>/ (searched recursively), in a sorted, reproducible order."""
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder`, searched recursively, sorted: a reproducible order."""
+    return sorted(p for p in files_below(folder) if p.suffix.lower() in image_extensions())
+
+
+def image_extensions() -> tuple[str, ...]:
     from torchvision.datasets.folder import IMG_EXTENSIONS  # the extensions ImageFolder accepts
 
+    return IMG_EXTENSIONS
+
+
+def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
+    """Every image under folder/<class>/ (searched recursively), in a sorted, reproducible order."""
     extra = sorted(set(_class_folders(folder)) - set(class_names))
     if extra:
         raise TransferCliError(
@@ -55,10 +64,10 @@ def scan_split(folder: Path, class_names: Sequence[str]) -> ImageFileSplit:
         class_dir = folder / name
         if not class_dir.is_dir():
             continue  # a val/test folder may lack a class
-        images = sorted(p for p in files_below(class_dir) if p.suffix.lower() in IMG_EXTENSIONS)
+        images = image_files(class_dir)
         if not images:
             raise TransferCliError(
-                f"class folder {class_dir} has no images ({' '.join(IMG_EXTENSIONS)}); "
+                f"class folder {class_dir} has no images ({' '.join(image_extensions())}); "
                 "add images or remove the folder"
             )
         paths += images

@@ -34,13 +34,16 @@ def csv_text(cfg: DictConfig) -> DataBundle:
     return text_bundle(cfg, columns, class_names=None)
 
 
-def read_rows(path: Path, key: str) -> list[dict[str, Any]]:
-    """The rows of a CSV (.tsv: tab-separated) or JSON-lines (.jsonl, .json) file, as dicts."""
+def read_rows(path: Path, key: str, skipped: Optional[list[tuple[int, str]]] = None) -> list[dict[str, Any]]:
+    """The rows of a CSV (.tsv: tab-separated) or JSON-lines (.jsonl, .json) file, as dicts.
+
+    A JSON line that is not an object is an error, or, given a `skipped` list, recorded there as
+    (line number, reason) and left out (`transfer-cli predict` predicts the rest)."""
     if not path.is_file():
         raise TransferCliError(f"text file {path} does not exist; set data.{key}=<file>")
     content = _utf8_text(path)
     if path.suffix.lower() in (".jsonl", ".json"):
-        rows = _json_rows(content, path)
+        rows = _json_rows(content, path, skipped)
     else:
         rows = list(csv.DictReader(io.StringIO(content, newline=""),
                                    delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
@@ -62,12 +65,21 @@ def _utf8_text(path: Path) -> str:
         ) from None
 
 
-def _json_rows(content: str, path: Path) -> list[dict[str, Any]]:
+def _json_rows(content: str, path: Path, skipped: Optional[list[tuple[int, str]]] = None) -> list[dict[str, Any]]:
     """JSON lines; a .json file holding one array of objects is accepted too."""
     if content.lstrip().startswith("["):
         return _objects(_json(content, path, None), path)
-    lines = [(number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
-    return [_object(_json(line, path, number), path, number) for number, line in lines]
+    rows = []
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(_object(_json(line, path, number), path, number))
+        except TransferCliError as err:
+            if skipped is None:
+                raise
+            skipped.append((number, str(err).split(" is ", 1)[-1].split(";")[0]))
+    return rows
 
 
 def _json(text: str, path: Path, number: Optional[int]) -> Any:

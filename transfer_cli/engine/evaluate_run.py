@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
@@ -46,11 +46,28 @@ def evaluate_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def export_run(cfg: DictConfig, run_dir: Path, out: Path) -> None:
-    """Save the run's trained body, with its preprocessing, as a backbone for `backbone.weights=`; say
-    on stderr when that body is not the whole trained model (the strategy's `export_caveat`)."""
+def export_run(cfg: DictConfig, run_dir: Path, out: Path, native: bool = False) -> None:
+    """Save the run's trained body, with its preprocessing, as a backbone for `backbone.weights=`, or with
+    `native` the whole classifier as its library's own folder (backbones/native_export.py); say on stderr
+    when that is not the whole trained model (the strategy's `export_caveat`)."""
     run, epoch, _ = restore_run(cfg, run_dir)
     if run.strategy.export_caveat:
         print(f"transfer-cli: note: strategy={cfg.strategy.name}: {run.strategy.export_caveat}", file=sys.stderr)
-    export_body(run.strategy.export_model(run.model).cpu(), out, {"source_run": str(run_dir), "source_epoch": str(epoch),
-                                       "source_classes": ",".join(run.data.class_names)})
+    model = run.strategy.export_model(run.model).cpu()
+    if native:
+        from transfer_cli.backbones.native_export import export_native
+
+        export_native(model, out, class_names(run_dir, run.data.class_names, run.model.head.out_features))
+        return
+    export_body(model, out, {"source_run": str(run_dir), "source_epoch": str(epoch),
+                             "source_classes": ",".join(run.data.class_names)})
+
+
+def class_names(run_dir: Path, rebuilt: Sequence[str], outputs: int) -> list[str]:
+    """The names of the head's outputs: as results.json recorded them, else as the data gives them now."""
+    results = RunFolder(run_dir).read_results() or {}
+    names = list(results.get("class_names") or rebuilt)
+    if len(names) != outputs:
+        raise TransferCliError(f"the run's head has {outputs} outputs but {len(names)} class names were found; "
+                               "the data has changed since the run trained: restore it or retrain")
+    return names

@@ -71,5 +71,9 @@ def summary(results: dict[str, Any]) -> str:
     examples = f"{test['n']} of {test['of']}" if test.get("of") not in (None, test["n"]) else f"{test['n']}"
     phases = ", ".join(f"{name} {spent[f'{name}_s']:.1f}s" for name in ("data", "model", "setup", "train", "val", "test")
                        if spent.get(f"{name}_s", 0.0) >= 0.05)
-    return (f"test acc1 {test['acc1']:.4f}  loss {test['loss']:.4f} on {examples} test examples  "
+    stages = results.get("continual")  # scenario=class_incremental: its summary first
+    scenario = (f"{len(stages['stages'])} stages: average incremental acc1 {stages['avg_incremental_acc1']:.4f}, "
+                f"forgetting {stages['forgetting'] if stages['forgetting'] is None else round(stages['forgetting'], 4)}; "
+                "last stage's ") if stages else ""
+    return (f"{scenario}test acc1 {test['acc1']:.4f}  loss {test['loss']:.4f} on {examples} test examples  "
             f"(best epoch {results['best_epoch']}; {spent.get('wall_s', results['train_time_s']):.1f}s: {phases})")

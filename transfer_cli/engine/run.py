@@ -17,11 +17,13 @@ from transfer_cli.engine.loop import Trainer
 from transfer_cli.engine.results import build_results
 from transfer_cli.engine.seeding import seed_everything
 from transfer_cli.engine.timing import Stopwatch, time_section
+from transfer_cli.errors import TransferCliError
 from transfer_cli.io import write_json
 from transfer_cli.reporting.trackers import Tracker, open_tracker
 from transfer_cli.run_folder import RunFolder
 from transfer_cli.strategies import build_strategy
 from transfer_cli.strategies.base import Strategy
+from transfer_cli.strategies.continual.stage_hooks import outside_a_scenario
 
 
 @dataclass
@@ -40,6 +42,9 @@ def assemble(cfg: DictConfig, clock: Optional[Stopwatch] = None) -> Assembled:
     with clock.phase("data"):
         data = build_data(cfg.data, seed=int(cfg.seed))
     strategy = build_strategy(cfg)
+    refusal = outside_a_scenario(strategy)
+    if refusal:
+        raise TransferCliError(refusal)
     seed_everything(int(cfg.seed))
     with clock.phase("model"):
         model = build_backbone(cfg.backbone, data.num_classes, pretrained=strategy.pretrained_body)
@@ -64,7 +69,12 @@ def skipped_images(loaders: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train, select the best epoch on validation, test it, and write results.json."""
+    """Train, select the best epoch on validation, test it, and write results.json (a class-incremental
+    scenario: every stage, `continual/scenario.py`)."""
+    if cfg.get("scenario") is not None:
+        from transfer_cli.continual.scenario import run_scenario  # the scenario builds its runs from this module's parts
+
+        return run_scenario(cfg, run_dir)
     # data-parallel (torchrun): only rank 0 logs and writes; the others train and evaluate their shares
     tracking = open_tracker(cfg, run_dir) if distributed.is_main() else nullcontext(Tracker())
     clock = Stopwatch()

@@ -19,7 +19,7 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-COUNT_HEADERS = ["n", "failed", "unfinished", "best epoch", "train time (s)", "trainable params"]
+COUNT_HEADERS = ["n", "failed", "unfinished", "best epoch", "train time (s)", "trainable params", "trainable %"]
 
 
 def markdown(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
@@ -35,8 +35,9 @@ def markdown(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
     def number(values: Sequence[float], fmt: str) -> str:
         return f"{_mean(values):{fmt}}" if values else "-"
 
+    # trainable %: three significant digits, since PEFT shares are fractions of a percent (0.0712)
     rows = [[*(_cell(v) for v in g.values), score(g), g.n, g.failed, g.unfinished, number(g.best_epochs, ".1f"),
-             number(g.train_times, ".1f"), number(g.trainable, ",.0f")] for g in table]
+             number(g.train_times, ".1f"), number(g.trainable, ",.0f"), number(g.trainable_pcts, ".3g")] for g in table]
     return markdown_table([*keys, f"{metric}{unit}", *COUNT_HEADERS], rows)
 
 
@@ -45,10 +46,11 @@ def csv_text(table: Sequence[Group], keys: Sequence[str], metric: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*keys, f"{metric}_mean", f"{metric}_std", "n", "failed", "unfinished", "seeds",
-                     "best_epoch_mean", "train_time_s_mean", "params_trainable"])
+                     "best_epoch_mean", "train_time_s_mean", "params_trainable", "params_trainable_pct"])
     for g in table:
         stats = [g.mean, g.std, g.n, g.failed, g.unfinished, " ".join(str(s) for s in g.seeds),
-                 _mean(g.best_epochs), _mean(g.train_times), round(_mean(g.trainable)) if g.n else math.nan]
+                 _mean(g.best_epochs), _mean(g.train_times), round(_mean(g.trainable)) if g.n else math.nan,
+                 _mean(g.trainable_pcts)]
         writer.writerow([*("" if v is None else v for v in g.values),
                          *("" if isinstance(v, float) and math.isnan(v) else v for v in stats)])
     return out.getvalue()

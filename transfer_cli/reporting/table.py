@@ -25,6 +25,7 @@ class Group:
     best_epochs: list[int] = field(default_factory=list)
     train_times: list[float] = field(default_factory=list)
     trainable: list[int] = field(default_factory=list)
+    trainable_pcts: list[float] = field(default_factory=list)
     failed: int = 0
     unfinished: int = 0
 
@@ -74,7 +75,19 @@ def build_table(runs: Sequence[Run], keys: Sequence[str], metric: str = DEFAULT_
             group.best_epochs.append(results["best_epoch"])
             group.train_times.append(results["train_time_s"])
             group.trainable.append(results["params"]["trainable"])
+            share = trainable_pct(results["params"])
+            if share is not None:
+                group.trainable_pcts.append(share)
     return sorted(groups.values(), key=lambda g: tuple(sort_key(v) for v in g.values))
+
+
+def trainable_pct(params: dict) -> float | None:
+    """The trainable share (%) from results.json's params; results written before it was recorded give it from
+    the counts they hold (the same ratio), and None when they lack the total too."""
+    if "trainable_pct" in params:
+        return float(params["trainable_pct"])
+    total = params.get("total")
+    return 100.0 * params["trainable"] / total if total else None
 
 
 def sort_key(value: Any) -> tuple:

@@ -2,13 +2,15 @@
 
 Families: baselines (finetune, scratch), schedules/ (what trains when), regularizers/ (terms added to
 the loss, which any strategy can hold), routing/ (per-example frozen or fine-tuned paths), pruning/,
-peft/ (parameter-efficient: a few new parameters beside a frozen body).
+peft/ (parameter-efficient: a few new parameters beside a frozen body), continual/ (class-incremental
+methods: SimpleCIL, APER, EWC, the continual LwF).
 """
 from omegaconf import DictConfig
 
 from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies import baselines, peft  # noqa: F401  (registration)
 from transfer_cli.strategies.base import STRATEGIES, Strategy
+from transfer_cli.strategies.continual import cil_lwf, ewc, prototypes  # noqa: F401
 from transfer_cli.strategies.pruning import transtailor  # noqa: F401
 from transfer_cli.strategies.regularizers import (bi_tuning, bss, co_tuning, delta, flat, hybrid_forward,  # noqa: F401
                                                   l2sp, l2t_ww, lwf, stochnorm)

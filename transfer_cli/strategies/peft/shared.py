@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from transfer_cli.backbones.model import HEAD, TransferModel
+from transfer_cli.errors import TransferCliError
 from transfer_cli.strategies.base import Strategy
 
 
@@ -22,6 +23,7 @@ class PeftStrategy(Strategy):
     def __init__(self, cfg, optim, regularizers=()):
         super().__init__(cfg, optim, regularizers)
         self.model: TransferModel | None = None
+        self.lr_mult = rate_multiplier(cfg.lr_mult, str(optim.get("name", "")))
 
     def adapt(self, model: TransferModel) -> dict[str, str]:
         """Add (or unfreeze) the method's parameters, trainable; return, for new parameters outside the
@@ -38,6 +40,10 @@ class PeftStrategy(Strategy):
             model.peft_method = self.cfg.name
         super().setup(model, train_loader, device)
 
+    def param_groups(self, model: TransferModel, lr: float) -> list[dict]:
+        """The base groups at `strategy.lr_mult` times the run's rate, the head's included (see `rate_multiplier`)."""
+        return super().param_groups(model, lr * self.lr_mult)
+
     def method_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The trained parameters that are not the head's: what this method adds to the pretrained body."""
         head = set(self.model.group(HEAD).parameter_names)
@@ -46,6 +52,24 @@ class PeftStrategy(Strategy):
     def results(self) -> dict[str, Any]:
         return {"peft": {"method": str(self.cfg.get("method", self.cfg.name)),
                          "parameters": sum(p.numel() for p in self.method_parameters().values())}}
+
+
+#: optimizers whose step per parameter is about the rate whatever the gradient's size (Adam-type), the kind
+#: the PEFT papers' rates were set with
+ADAPTIVE_OPTIMIZERS = ("adamw",)
+
+
+def rate_multiplier(lr_mult: Any, optimizer: str) -> float:
+    """`strategy.lr_mult`; `auto`: 10 with AdamW, 1 with SGD. `optim.lr` is set for fine-tuning, and the PEFT
+    papers train their few parameters at 10-50x full fine-tuning's rate, all with Adam-type optimizers (at
+    AdamW's 1x they underfit here). SGD's step grows with the gradient: at 10x its rate LoRA on
+    EfficientNet-Lite0 diverged, so it keeps the fine-tuning rate."""
+    if str(lr_mult) == "auto":
+        return 10.0 if optimizer in ADAPTIVE_OPTIMIZERS else 1.0
+    try:
+        return float(lr_mult)
+    except (TypeError, ValueError):
+        raise TransferCliError(f"strategy.lr_mult={lr_mult!r} is not a number; give one (10) or auto") from None
 
 
 def not_in_the_backbone(what: str) -> str:

@@ -80,7 +80,9 @@ class Freeze(LayerSchedule):
             raise TransferCliError(f"strategy.cache_features=true, but strategy.groups={self.cfg.groups} freezes no "
                                    "bottom group, so there is nothing to cache; freeze the bottom k groups or the body")
         if model.trainable_group_names() == [HEAD] and not self.probe:
-            self.probe = {"solver": "sgd" if self.solver == "sgd" or self.cache.setting is False else "lbfgs"}
+            # auto: a held regularizer term is a loss L-BFGS's own objective leaves out, so SGD trains with it
+            sgd = self.solver == "sgd" or self.cache.setting is False or bool(self.regularizers)
+            self.probe = {"solver": "sgd" if sgd else "lbfgs"}
         if self.solver == "lbfgs" and self.probe.get("solver") != "lbfgs":
             why = ("strategy.cache_features=false" if self.cache.setting is False
                    else f"strategy.groups={self.cfg.groups} leaves part of the body training")
