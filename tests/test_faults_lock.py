@@ -113,11 +113,13 @@ def test_a_second_run_in_a_live_runs_folder_is_refused_in_one_line(tmp_path, cap
 @pytest.mark.slow
 def test_two_sweeps_in_one_folder_share_the_jobs(tmp_path, capsys):
     sweep = ["train", "-m", *ENDLESS, "trainer.max_epochs=100000,1", f"hydra.sweep.dir={tmp_path}"]
-    first = start_training(sweep[1:], tmp_path, "0_*")  # runs the long job first
+    first = start_training(sweep[1:], tmp_path, "*max_epochs=100000*")  # runs the long job first
     try:
         main(sweep)  # the second sweep: skips the job the first one is running, runs the other
         out = capsys.readouterr().out
-        (long_job,), (short_job,) = tmp_path.glob("0_*"), tmp_path.glob("1_*")
+        # job folders are named by their overrides
+        (long_job,) = tmp_path.glob("*max_epochs=100000*")
+        (short_job,) = [p for p in tmp_path.glob("*max_epochs=1*") if p != long_job]
         assert f"skipped, {long_job} is in use by another run (pid {first.pid} on " in out
         assert json.loads((short_job / "results.json").read_text())["epochs"] == 1
         assert not (long_job / "failed.json").exists() and not (long_job / "results.json").exists()

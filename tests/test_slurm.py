@@ -66,6 +66,15 @@ def job_state(job_id: str) -> dict:
         time.sleep(1)
 
 
+def job_folders(sweep_dir: Path) -> dict[str, Path]:
+    """A sweep's job folders by job number (hydra.job.num, the array task): folders are named by their
+    overrides, not by position."""
+    from omegaconf import OmegaConf
+
+    return {str(OmegaConf.load(p / ".hydra" / "hydra.yaml").hydra.job.num): p
+            for p in sweep_dir.iterdir() if (p / ".hydra" / "hydra.yaml").is_file()}
+
+
 def array_of(sweep_dir: Path) -> str:
     (submitted,) = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.name[0].isdigit()}
     return submitted
@@ -168,7 +177,7 @@ def test_a_sweep_runs_on_slurm_its_failures_end_failed_and_report_reads_it(clust
     assert re.search(r"transfer-cli: waiting for \d of 4 SLURM jobs \(job \d+\): .*pending \((Resources|Priority)", err)
     assert err.count("Bypassing sacct error") <= 1 and err.count("job accounting is not available") <= 1
     array = array_of(tmp_path)
-    folders = {p.name.split("_")[0]: p for p in tmp_path.iterdir() if p.name[0].isdigit()}
+    folders = job_folders(tmp_path)
     for task in "01":
         assert json.loads((folders[task] / "results.json").read_text())["epochs"] == 2
         assert job_state(f"{array}_{task}")["JobState"] == "COMPLETED"
@@ -238,7 +247,7 @@ def test_a_job_that_hits_its_time_limit_is_requeued_and_ends_with_the_uninterrup
     assert "hydra.launcher.signal_delay_s=120 is not well below timeout_min=2 (120 s)" in err
     assert "using signal_delay_s=10" in err
     assert int(job_state(array_of(tmp_path / "sweep"))["Restarts"]) >= 1  # it was requeued
-    (run_dir,) = (tmp_path / "sweep").glob("0_*")
+    (run_dir,) = job_folders(tmp_path / "sweep").values()
     expected = json.loads((tmp_path / "reference" / "results.json").read_text())
     resumed = json.loads((run_dir / "results.json").read_text())
     assert (resumed["test"], resumed["best_epoch"]) == (expected["test"], expected["best_epoch"])
