@@ -67,7 +67,8 @@ def test_terms_combine_with_schedules_and_each_other(tmp_path):
     assert all(r["train_penalty/co_tuning"] > 0 for r in records)
     # a linear probe serves cached features; LwF still finds each example's stored outputs
     _, records = train(tmp_path / "probe", "strategy=freeze", "strategy.groups=all", "regularizers=[lwf]")
-    assert all(r["train_penalty/lwf"] >= 0 for r in records)
+    # a KL divergence: non-negative up to float rounding (here the source head's outputs barely move)
+    assert all(r["train_penalty/lwf"] >= -1e-6 for r in records)
 
 
 @pytest.mark.slow

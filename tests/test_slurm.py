@@ -171,7 +171,7 @@ def test_a_sweep_runs_on_slurm_its_failures_end_failed_and_report_reads_it(clust
     """Four jobs, two at a time (1 CPU each on a 2-CPU node: the others wait, and the sweep says why);
     two of them fail: FAILED in SLURM, failed.json, the sweep goes on and exits 2."""
     code, err = sweep([*LAUNCHER, "hydra.launcher.cpus_per_task=1", "trainer=smoke", "trainer.device=cpu",
-                       "trainer.skip_done=true,maybe", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], capsys)
+                       "trainer.select_by=acc1,bogus", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("transfer-cli: error: 2 job(s) of the sweep failed")
     assert re.search(r"transfer-cli: waiting for \d of 4 SLURM jobs \(job \d+\): .*pending \((Resources|Priority)", err)
@@ -182,12 +182,13 @@ def test_a_sweep_runs_on_slurm_its_failures_end_failed_and_report_reads_it(clust
         assert json.loads((folders[task] / "results.json").read_text())["epochs"] == 2
         assert job_state(f"{array}_{task}")["JobState"] == "COMPLETED"
     for task in "23":
-        assert "trainer.skip_done='maybe'" in json.loads((folders[task] / "failed.json").read_text())["error"]
+        assert "trainer.select_by='bogus'" in json.loads((folders[task] / "failed.json").read_text())["error"]
         assert job_state(f"{array}_{task}")["JobState"] == "FAILED"  # what sacct and dashboards show
 
     main(["report", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "2 finished run(s) of 4" in out and re.search(r"\| \d+\.\d ± \d+\.\d \| 2 \| 2 \|", out)
+    assert "2 finished run(s) of 4" in out and re.search(r"\| acc1 \| \d+\.\d ± \d+\.\d \| 2 \| 0 \|", out)
+    assert re.search(r"\| bogus \| - \| 0 \| 2 \|", out)
 
 
 @pytest.mark.slow
